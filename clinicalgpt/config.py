@@ -1,0 +1,171 @@
+"""One config system for every stage: dataclasses, preset YAML files, `key=value` overrides.
+
+    cfg = load_config(["preset=bloom-7b", "data.root=/data/med", "sft.lr=1e-4"])
+
+Order of precedence (last wins): dataclass defaults (the `tiny` preset) -> presets/<preset>.yaml ->
+an optional `config=<file.yaml>` -> `key=value` overrides. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class SourceSpec:
+    """One input file: `path` under the data root, parsed by builder `kind` (see clinicalgpt/sources.py).
+    `split` forces a split; when empty the builder takes it from the record or derives it by hash."""
+
+    path: str
+    kind: str
+    split: str = ""
+
+
+def _default_sources() -> list[SourceSpec]:
+    S = SourceSpec
+    return [
+        S("cmedqa_kg/xywy_kg_triples_grouped.jsonl", "kg_xywy", "train"),
+        S("cmedqa_kg/health39_kg_triples_grouped.jsonl", "kg_health39", "train"),
+        S("community_qa/toyhom_internal_medicine_train.jsonl", "community_qa", "train"),
+        S("community_qa/huatuo26m_test_extra.jsonl", "community_qa", "rl"),
+        S("community_qa/huatuo26m_test_dev.jsonl", "community_qa", "valid"),
+        S("community_qa/huatuo26m_test_test.jsonl", "community_qa", "test"),
+        S("exam_mcq/cmexam_val.jsonl", "exam", "train"),
+        S("exam_mcq/cnmleqa_3k.jsonl", "exam", "train"),
+        S("exam_mcq/medqa_mcmle_test.jsonl", "exam", "test"),
+        S("exam_mcq/cmexam_test.jsonl", "exam", "test"),
+        S("dialogue/covid_dialogue_zh_train.jsonl", "dialogue", "train"),
+        S("dialogue/covid_dialogue_zh_valid.jsonl", "dialogue", "valid"),
+        S("dialogue/covid_dialogue_zh_test.jsonl", "dialogue", "test"),
+        S("dialogue/cmdd_train.jsonl", "dialogue", "train"),
+        S("dialogue/cmdd_dev.jsonl", "dialogue", "valid"),
+        S("dialogue/cmdd_test.jsonl", "dialogue", "test"),
+        S("dialogue/cmtmedqa_test.jsonl", "dialogue", "test"),
+        S("dialogue/cmtmedqa_test_safety.jsonl", "safety", "test"),
+        S("ehr_diagnosis/dxy_train.jsonl", "diagnosis_dxy", ""),
+        S("ehr_diagnosis/covid_dialogue_impressions.jsonl", "diagnosis_haodf", ""),
+        S("ehr_diagnosis/cmb_clin.jsonl", "diagnosis_cmb_clin", "test"),
+        S("preference/medical_pref_zh_train.jsonl", "preference", "train"),
+        S("preference/medical_pref_zh_test.jsonl", "preference", "test"),
+        S("preference/aux_disc_medllm_firstturn_weak_train.jsonl", "preference_weak", "train"),
+        S("preference/aux_disc_medllm_firstturn_weak_test.jsonl", "preference_weak", "test"),
+    ]
+
+
+@dataclass
+class DataConfig:
+    # Empty: $CLINICALGPT_DATA_ROOT, else ../shared/data beside the checkout.
+    root: str = ""
+    sources: list[SourceSpec] = field(default_factory=_default_sources)
+    seed: int = 0
+    kg_en_fraction: float = 0.2  # share of KG QA pairs phrased with the English templates
+    kg_max_objects: int = 8  # objects listed in one KG answer
+    kg_inverse: bool = True  # also ask the reverse questions (symptom -> diseases, drug -> indications)
+    max_record_chars: int = 12000  # longer records are skipped as over_length
+    holdout_fraction: float = 0.2  # test share for sources that ship without a test split
+    rl_dialogue_fraction: float = 0.5  # share of valid dialogues also cut into RL prompts
+    shard_rows: int = 50000
+    batch_size: int = 2000  # Ray Data batch for building and tokenizing records
+
+
+@dataclass
+class ModelConfig:
+    # Where the base model and tokenizer live: a local folder or a hub name. Empty: the bootstrap output.
+    path: str = ""
+    # The tiny preset builds its own tokenizer and model; real presets set both to false.
+    train_tokenizer: bool = True
+    build_from_config: bool = True
+    arch: str = "qwen2"
+    vocab_size: int = 8000
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 688
+    max_position_embeddings: int = 2048
+    tokenizer_train_chars: int = 5_000_000
+    # Used only when the tokenizer has no chat template of its own (BLOOM has none).
+    chat_template: str = ""
+    dtype: str = "float32"
+
+
+@dataclass
+class SequenceConfig:
+    max_len: int = 512  # packed sequence length; longer samples are skipped (counted)
+    pack: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: $RAY_ADDRESS, else a local cluster started for the job
+    num_cpus: int = 0  # for a local cluster; 0 = all
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    run_root: str = ""  # empty: $CLINICALGPT_RUNS, else runs/ in the checkout
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seq: SequenceConfig = field(default_factory=SequenceConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    # Derived locations: one folder per preset, one subfolder per stage.
+    @property
+    def run_dir(self) -> Path:
+        root = self.run_root or os.environ.get("CLINICALGPT_RUNS") or REPO_ROOT / "runs"
+        return Path(root).expanduser().resolve() / self.preset
+
+    @property
+    def data_root(self) -> Path:
+        root = self.data.root or os.environ.get("CLINICALGPT_DATA_ROOT") or REPO_ROOT.parent / "shared" / "data"
+        return Path(root).expanduser().resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def model_path(self) -> str:
+        return self.model.path or str(self.run_dir / "base")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Build the config from `key=value` arguments (`preset=` and `config=` are special)."""
+    args = list(argv or [])
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments must be key=value, got {bad}")
+    special = {k: v for k, v in (a.split("=", 1) for a in args) if k in ("preset", "config")}
+    overrides = [a for a in args if a.split("=", 1)[0] not in ("preset", "config")]
+
+    preset = special.get("preset", "tiny")
+    preset_file = PRESET_DIR / f"{preset}.yaml"
+    if not preset_file.exists():
+        raise SystemExit(f"unknown preset {preset!r}; available: {', '.join(preset_names())}")
+
+    schema = OmegaConf.structured(Config)
+    layers = [schema, OmegaConf.load(preset_file), OmegaConf.create({"preset": preset})]
+    if "config" in special:
+        layers.append(OmegaConf.load(special["config"]))
+    layers.append(OmegaConf.from_dotlist(overrides))
+    try:
+        merged = OmegaConf.merge(*layers)
+    except Exception as e:  # omegaconf names the offending key; keep the message, drop the trace
+        raise SystemExit(f"bad config: {e}") from None
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

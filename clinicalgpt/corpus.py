@@ -1,0 +1,309 @@
+"""Build the training and evaluation records from the corpora with Ray Data.
+
+    source files --JsonLinesDatasource--> map_batches(build) --> records (+ skips with reasons)
+    KG files --flat_map(inverse triples)--> groupby(object) --> inverse KG QA records
+                                                    |
+    driver sink: drop duplicates and test overlaps, write Parquet shards records/<split>/<task>/,
+    the skipped lines (skipped.jsonl, nothing is lost) and manifest.json / manifest.md.
+
+Two passes keep test items out of training: pass 1 builds only the sources that can hold test
+records and collects their question keys; pass 2 builds everything else and drops any non-test
+record whose question key is a test key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from .config import Config, DataConfig, SourceSpec
+from .jsonl import JsonLinesDatasource
+from .kg_templates import RELATION_KIND, clean_objects
+from .records import RECORD_SCHEMA, Skip, dedup_key, leak_key
+from .sources import BUILDERS, INVERSE_KINDS, kg_inverse_record, may_hold_test
+
+# Columns the build step adds to each record; the sink uses and drops them.
+BUILD_SCHEMA = RECORD_SCHEMA.append(pa.field("skip", pa.string())) \
+    .append(pa.field("raw", pa.string())) \
+    .append(pa.field("n_inputs", pa.int8())) \
+    .append(pa.field("dedup_key", pa.int64())) \
+    .append(pa.field("leak_key", pa.int64()))
+
+
+class SourceError(RuntimeError):
+    """A configured source file is missing or unreadable."""
+
+
+def source_name(spec: SourceSpec) -> str:
+    return spec.path.removesuffix(".jsonl")
+
+
+def resolve_sources(cfg: Config) -> dict[str, SourceSpec]:
+    """Absolute path -> spec, after checking that every file exists and can be read."""
+    resolved = {}
+    for spec in cfg.data.sources:
+        if spec.kind not in BUILDERS:
+            raise SourceError(f"source {spec.path}: unknown kind {spec.kind!r} (known: {', '.join(BUILDERS)})")
+        path = cfg.data_root / spec.path
+        if not path.is_file():
+            raise SourceError(f"source file not found: {path} (data root {cfg.data_root}; set "
+                              f"CLINICALGPT_DATA_ROOT or data.root)")
+        if not os.access(path, os.R_OK):
+            raise SourceError(f"source file not readable: {path}")
+        resolved[str(path)] = spec
+    return resolved
+
+
+def _skip_row(path: str, line: int, source: str, reason: str, raw: str) -> dict:
+    return {"id": f"{source}:{line}", "task": "", "source": source, "split": "", "messages": [], "rejected": None,
+            "meta": "{}", "skip": reason, "raw": raw, "n_inputs": 1, "dedup_key": 0, "leak_key": 0}
+
+
+def build_batch(batch: pa.Table, specs: dict[str, SourceSpec], cfg: DataConfig, keep_test_only: bool) -> pa.Table:
+    """Parse and build one batch of lines; every line yields records or one skip row."""
+    out = []
+    for path, line, text, ok in zip(*(batch.column(c).to_pylist() for c in ("path", "line", "text", "utf8_ok"))):
+        spec = specs[path]
+        source = source_name(spec)
+        try:
+            if not ok:
+                raise Skip("bad_encoding")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                raise Skip("malformed_json") from None
+            if not isinstance(obj, dict):
+                raise Skip("malformed_json")
+            records = BUILDERS[spec.kind](obj, source, spec.split, cfg)
+            for rec in records:
+                if sum(len(m["content"]) for m in rec["messages"]) + len(rec["rejected"] or "") > cfg.max_record_chars:
+                    raise Skip("over_length")
+        except Skip as skip:
+            out.append(_skip_row(path, line, source, str(skip), text[:2000]))
+            continue
+        if keep_test_only:
+            records = [r for r in records if r["split"] == "test"]
+        for i, rec in enumerate(records):
+            out.append({**rec, "skip": "", "raw": None, "n_inputs": int(i == 0),
+                        "dedup_key": dedup_key(rec), "leak_key": leak_key(rec)})
+        if not records:  # a line whose records all belong to the other pass still counts as read
+            out.append({**_skip_row(path, line, source, "", None), "skip": "other_pass"})
+    return pa.Table.from_pylist(out, schema=BUILD_SCHEMA)
+
+
+def inverse_triples(batch: pa.Table, specs: dict[str, SourceSpec]) -> pa.Table:
+    """(graph, kind, object, subject) rows for the relations asked in reverse."""
+    rows = defaultdict(list)
+    for path, text, ok in zip(*(batch.column(c).to_pylist() for c in ("path", "text", "utf8_ok"))):
+        try:
+            obj = json.loads(text) if ok else None
+        except json.JSONDecodeError:
+            obj = None  # counted as malformed by the forward pass
+        if not isinstance(obj, dict) or not isinstance(obj.get("o"), list) or not isinstance(obj.get("s"), str):
+            continue
+        kind = RELATION_KIND.get(obj.get("p"))
+        if kind not in INVERSE_KINDS:
+            continue
+        for o in clean_objects(obj["o"]):
+            rows["source"].append(source_name(specs[path]))
+            rows["graph"].append(specs[path].kind.removeprefix("kg_"))
+            rows["kind"].append(kind)
+            rows["object"].append(o)
+            rows["subject"].append(obj["s"].strip())
+    schema = pa.schema([(c, pa.string()) for c in ("source", "graph", "kind", "object", "subject")])
+    return pa.table(dict(rows), schema=schema) if rows else schema.empty_table()
+
+
+def inverse_records(group: pa.Table, cfg: DataConfig) -> pa.Table:
+    source, graph, kind, obj = (group.column(c)[0].as_py() for c in ("source", "graph", "kind", "object"))
+    subjects = sorted(set(group.column("subject").to_pylist()))
+    rec = kg_inverse_record(graph, kind, obj, subjects, source, cfg)
+    row = {**rec, "skip": "", "raw": None, "n_inputs": 0, "dedup_key": dedup_key(rec), "leak_key": leak_key(rec)}
+    return pa.Table.from_pylist([row], schema=BUILD_SCHEMA)
+
+
+class ShardWriter:
+    """Parquet shards per (split, task), rolled every `shard_rows` rows."""
+
+    def __init__(self, root: Path, shard_rows: int):
+        self.root, self.shard_rows = root, shard_rows
+        self.writers: dict[tuple[str, str], tuple[pq.ParquetWriter, int, int]] = {}
+
+    def write(self, table: pa.Table):
+        for (split, task), part in _group(table, ("split", "task")):
+            writer, rows, shard = self.writers.get((split, task), (None, 0, -1))
+            if writer is None or rows >= self.shard_rows:
+                if writer is not None:
+                    writer.close()
+                shard += 1
+                path = self.root / split / task / f"part-{shard:05d}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writer, rows = pq.ParquetWriter(path, RECORD_SCHEMA), 0
+            writer.write_table(part.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA))
+            self.writers[(split, task)] = (writer, rows + part.num_rows, shard)
+
+    def close(self):
+        for writer, _, _ in self.writers.values():
+            writer.close()
+
+
+def _group(table: pa.Table, keys: tuple[str, ...]):
+    cols = [table.column(k).to_pylist() for k in keys]
+    groups = defaultdict(list)
+    for i, key in enumerate(zip(*cols)):
+        groups[key].append(i)
+    for key, idx in groups.items():
+        yield key, table.take(idx)
+
+
+def count_lines(paths: list[str]) -> int:
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return total
+
+
+def build_records(cfg: Config) -> dict:
+    """Build all records under cfg.data_dir/records and return the manifest (also written to disk)."""
+    started = time.time()
+    specs = resolve_sources(cfg)
+    out = cfg.data_dir
+    records_dir = out / "records"
+    if records_dir.exists():
+        shutil.rmtree(records_dir)
+    records_dir.mkdir(parents=True)
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one progress bar over input lines instead (below)
+    ctx.execution_options.preserve_order = True  # first occurrence wins deterministically
+
+    def read(paths):
+        return ray.data.read_datasource(JsonLinesDatasource(paths))
+
+    writer = ShardWriter(records_dir, cfg.data.shard_rows)
+    counts: Counter = Counter()  # (split, task, source) -> records
+    skips: Counter = Counter()  # (source, reason) -> lines
+    dropped: Counter = Counter()  # (source, reason) -> records dropped as duplicate / test overlap
+    skipped_file = open(out / "skipped.jsonl", "w", encoding="utf-8")
+
+    # Pass 1: test records first, so their question keys are known before anything else is written.
+    test_paths = [p for p, s in specs.items() if may_hold_test(s.kind, s.split)]
+    test_keys: set[int] = set()
+    seen: set[tuple[str, int]] = set()  # (split, dedup key): duplicates are dropped within a split
+    if test_paths:
+        ds = read(test_paths).map_batches(build_batch, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+                                          fn_kwargs={"specs": specs, "cfg": cfg.data, "keep_test_only": True})
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = block.filter(pa.compute.equal(block.column("skip"), ""))
+            keep = []
+            for i, (src, dk, lk) in enumerate(zip(*(rows.column(c).to_pylist() for c in ("source", "dedup_key", "leak_key")))):
+                if ("test", dk) in seen:
+                    dropped[(src, "duplicate")] += 1
+                    continue
+                seen.add(("test", dk))
+                test_keys.add(lk)
+                keep.append(i)
+            kept = rows.take(pa.array(keep, pa.int64()))
+            writer.write(kept)
+            for split, task, src in zip(*(kept.column(c).to_pylist() for c in ("split", "task", "source"))):
+                counts[(split, task, src)] += 1
+
+    # Pass 2: everything that is not test, plus the KG inverse questions.
+    paths = list(specs)
+    ds = read(paths).map_batches(build_batch, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+                                 fn_kwargs={"specs": specs, "cfg": cfg.data, "keep_test_only": False})
+    kg_paths = [p for p, s in specs.items() if s.kind.startswith("kg_")]
+    if cfg.data.kg_inverse and kg_paths:
+        inverse = (read(kg_paths)
+                   .map_batches(inverse_triples, batch_format="pyarrow", fn_kwargs={"specs": specs})
+                   .groupby(["source", "kind", "object"])
+                   .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg.data}))
+        ds = ds.union(inverse)
+
+    bar = tqdm(total=count_lines(paths), desc="building records", unit=" lines", mininterval=2,
+               disable=None if os.environ.get("CI") is None else False)
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        bar.update(int(np.sum(block.column("n_inputs").to_numpy())))
+        keep = []
+        for i, (src, split, skip, raw, line_id, dk, lk) in enumerate(zip(*(block.column(c).to_pylist() for c in (
+                "source", "split", "skip", "raw", "id", "dedup_key", "leak_key")))):
+            if skip:
+                if skip != "other_pass":
+                    skips[(src, skip)] += 1
+                    line = int(line_id.rsplit(":", 1)[1])
+                    skipped_file.write(json.dumps({"source": src, "line": line, "reason": skip, "raw": raw},
+                                                  ensure_ascii=False) + "\n")
+                continue
+            if split == "test":
+                continue  # written in pass 1
+            if lk in test_keys:
+                dropped[(src, "overlaps_test")] += 1
+                continue
+            if (split, dk) in seen:
+                dropped[(src, "duplicate")] += 1
+                continue
+            seen.add((split, dk))
+            keep.append(i)
+        kept = block.take(pa.array(keep, pa.int64()))
+        writer.write(kept)
+        for split, task, src in zip(*(kept.column(c).to_pylist() for c in ("split", "task", "source"))):
+            counts[(split, task, src)] += 1
+    bar.close()
+    writer.close()
+    skipped_file.close()
+
+    manifest = {
+        "data_root": str(cfg.data_root),
+        "records_dir": str(records_dir),
+        "seconds": round(time.time() - started, 1),
+        "records": _nested(counts),
+        "totals": {
+            "by_split": _sum_by(counts, 0),
+            "by_task": _sum_by(counts, 1),
+            "by_source": _sum_by(counts, 2),
+            "records": sum(counts.values()),
+        },
+        "skipped": _nested(skips),
+        "skipped_total": sum(skips.values()),
+        "dropped": _nested(dropped),
+        "dropped_total": sum(dropped.values()),
+    }
+    return manifest
+
+
+def _nested(counter: Counter) -> dict:
+    tree: dict = {}
+    for key, n in sorted(counter.items()):
+        node = tree
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = n
+    return tree
+
+
+def _sum_by(counter: Counter, pos: int) -> dict:
+    out: Counter = Counter()
+    for key, n in counter.items():
+        out[key[pos]] += n
+    return dict(sorted(out.items()))
+
+
+def read_records(cfg: Config, splits: list[str], tasks: list[str] | None = None) -> ray.data.Dataset:
+    """Stream the built records of the given splits (and tasks) as a Ray Dataset."""
+    root = cfg.data_dir / "records"
+    files = sorted(str(p) for split in splits for p in (root / split).glob("*/*.parquet")
+                   if tasks is None or p.parent.name in tasks)
+    if not files:
+        raise FileNotFoundError(f"no records for splits={splits} tasks={tasks} under {root}: run jobs/data.py first")
+    return ray.data.read_parquet(files, schema=RECORD_SCHEMA)

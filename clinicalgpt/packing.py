@@ -1,0 +1,113 @@
+"""Chats -> token ids with response-only labels -> fixed-length packed sequences, on Ray Data.
+
+Labels are -100 everywhere except the assistant turns (content and end-of-turn token), which is the
+paper's SFT loss: (1/n) sum over response tokens of -log p(w_i | w_<i). Packed rows carry
+position_ids that restart at 0 for each sample; transformers turns restarts into a block-diagonal
+causal mask (masking_utils.find_packed_sequence_indices), so packed samples never attend to each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+IGNORE = -100
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns (including end-of-turn).
+
+    Spans come from rendering growing prefixes, so any prefix-stable chat template works."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        if not text.startswith(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)):
+            raise ValueError("the chat template is not prefix-stable; response masks cannot be derived")
+        spans.append((start, end))
+    return text, spans
+
+
+def tokenize_chats(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per chat; labels copy the ids inside assistant spans, else IGNORE."""
+    rendered = [assistant_spans(tokenizer, chat) for chat in chats]
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
+        labels = [IGNORE] * len(ids)
+        for t, (a, b) in enumerate(offsets):
+            if b > a and any(s <= a < e for s, e in spans):
+                labels[t] = ids[t]
+        out.append((ids, labels))
+    return out
+
+
+def pack(samples: list[tuple[list[int], list[int]]], max_len: int, pad_id: int,
+         together: bool = True) -> dict[str, np.ndarray]:
+    """First-fit-decreasing packing into rows of exactly max_len tokens (together=False: one sample
+    per row, for models that cannot take per-sample positions). Samples longer than max_len must be
+    filtered out before. Padding is its own segment with IGNORE labels."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i][0]))
+    rows: list[list[int]] = []  # sample indices per row
+    room: list[int] = []
+    for i in order:
+        n = len(samples[i][0])
+        for r, free in enumerate(room if together else []):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - n)
+    ids = np.full((len(rows), max_len), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), max_len), IGNORE, dtype=np.int64)
+    positions = np.zeros((len(rows), max_len), dtype=np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            s_ids, s_labels = samples[i]
+            n = len(s_ids)
+            ids[r, at:at + n] = s_ids
+            labels[r, at:at + n] = s_labels
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+        positions[r, at:] = np.arange(max_len - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions,
+            "num_samples": np.array([len(m) for m in rows], dtype=np.int64),
+            "num_tokens": np.array([max_len - free for free in room], dtype=np.int64)}
+
+
+class TokenizeAndPack:
+    """Ray Data callable: a batch of records -> packed rows (and per-batch token statistics)."""
+
+    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int, together: bool):
+        from .tokenizer import load_tokenizer
+        self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
+        self.max_len, self.together = max_len, together
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        chats = [[dict(m) for m in msgs] for msgs in batch.column("messages").to_pylist()]
+        samples = tokenize_chats(self.tokenizer, chats)
+        fits = [s for s in samples if len(s[0]) <= self.max_len]
+        packed = pack(fits, self.max_len, self.tokenizer.pad_token_id, self.together)
+        n = len(packed["num_samples"])
+        packed["skipped_over_length"] = np.zeros(n, dtype=np.int64)
+        if n:
+            packed["skipped_over_length"][0] = len(samples) - len(fits)
+        return packed
+
+
+def sft_dataset(cfg, splits: list[str], tasks: list[str]) -> ray.data.Dataset:
+    """The packed SFT stream: records of `tasks` in `splits`, tokenized and packed by Ray Data tasks."""
+    from .corpus import read_records
+    return read_records(cfg, splits, tasks).map_batches(
+        TokenizeAndPack, fn_constructor_kwargs={"tokenizer_path": cfg.model_path,
+                                                "chat_template": cfg.model.chat_template,
+                                                "max_len": cfg.seq.max_len, "together": cfg.seq.pack},
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2))
+

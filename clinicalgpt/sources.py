@@ -1,0 +1,277 @@
+"""Builders: one parsed JSON line of a source file -> records in the common schema.
+
+Each builder takes (obj, source, split, cfg) and returns a list of records, or raises Skip(reason)
+for input it cannot use; the pipeline counts and reports every reason. `split` is the split the
+config forces for the file ("" lets the builder decide).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import DataConfig
+from .kg_templates import RELATION_KIND, clean_objects, render_qa
+from .records import Skip, hash_fraction, make_record, stable_id
+
+EXAM_INSTRUCTION = "以下是医师资格考试的选择题，请选出正确答案。"
+DIAGNOSIS_INSTRUCTION = "请根据以上病历信息，给出最可能的诊断。"
+
+
+def _text(obj: dict, key: str) -> str:
+    """A required non-empty string field."""
+    if key not in obj or obj[key] is None:
+        raise Skip(f"missing_field:{key}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise Skip(f"bad_type:{key}")
+    value = value.strip()
+    if not value:
+        raise Skip("empty_text")
+    return value
+
+
+def _id(obj: dict, source: str, *content: str) -> str:
+    return str(obj.get("id") or f"{source.split('/')[-1]}-{stable_id(*content)}")
+
+
+def _split(split: str, obj: dict) -> str:
+    split = split or obj.get("split") or ""
+    split = {"dev": "valid", "validate": "valid", "val": "valid"}.get(split, split)
+    if split not in ("train", "valid", "rl", "test"):
+        raise Skip("unknown_split")
+    return split
+
+
+# --- knowledge graphs -------------------------------------------------------------------------
+
+def _kg(graph: str) -> Callable:
+    def build(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+        subject, relation = _text(obj, "s"), _text(obj, "p")
+        if not isinstance(obj.get("o"), list):
+            raise Skip("missing_field:o")
+        kind = RELATION_KIND.get(relation)
+        if kind is None:
+            raise Skip("unknown_relation")
+        objects = clean_objects(obj["o"])
+        if not objects:
+            raise Skip("empty_text")
+        question, answer, lang = render_qa(kind, subject, objects, inverse=False, seed=cfg.seed,
+                                           en_fraction=cfg.kg_en_fraction, cap=cfg.kg_max_objects)
+        meta = {"graph": graph, "relation": relation, "kind": kind, "lang": lang, "subject": subject,
+                "objects": objects[: cfg.kg_max_objects]}
+        return [make_record(f"kg-{graph}-{stable_id(subject, relation)}", "kg_qa", source, split or "train",
+                            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                            meta=meta)]
+    return build
+
+
+def kg_inverse_record(graph: str, kind: str, obj_name: str, subjects: list[str], source: str,
+                      cfg: DataConfig) -> dict:
+    """An inverse QA pair: the object (symptom, drug, check) asked about, diseases answered."""
+    question, answer, lang = render_qa(kind, obj_name, subjects, inverse=True, seed=cfg.seed,
+                                       en_fraction=cfg.kg_en_fraction, cap=cfg.kg_max_objects)
+    meta = {"graph": graph, "relation": f"inverse:{kind}", "kind": kind, "lang": lang, "subject": obj_name,
+            "objects": subjects[: cfg.kg_max_objects]}
+    return make_record(f"kg-{graph}-inv-{stable_id(kind, obj_name)}", "kg_qa", source, "train",
+                       [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], meta=meta)
+
+
+INVERSE_KINDS = ("symptom", "drug", "check")
+
+
+# --- question answering -------------------------------------------------------------------------
+
+def community_qa(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    question, answer = _text(obj, "question"), _text(obj, "answer")
+    meta = {k: obj[k] for k in ("department",) if obj.get(k)}
+    return [make_record(_id(obj, source, question, answer), "community_qa", source, _split(split, obj),
+                        [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                        meta=meta)]
+
+
+def format_exam_question(question: str, options: dict[str, str]) -> str:
+    lines = [EXAM_INSTRUCTION, question] + [f"{k}. {v}" for k, v in options.items()]
+    return "\n".join(lines)
+
+
+def exam(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    question = _text(obj, "question")
+    options = obj.get("options")
+    if not isinstance(options, dict) or len(options) < 2:
+        raise Skip("missing_field:options")
+    options = {str(k).strip().upper(): str(v).strip() for k, v in sorted(options.items())}
+    if any(not v for v in options.values()):
+        raise Skip("empty_text")
+    answer = "".join(sorted(set(_text(obj, "answer").upper().replace(",", "").replace(" ", ""))))
+    if not answer or any(letter not in options for letter in answer):
+        raise Skip("answer_not_in_options")
+    reply = f"答案：{answer}。" + "；".join(options[a] for a in answer)
+    explanation = (obj.get("explanation") or "").strip()
+    if explanation:
+        reply += f"\n解析：{explanation}"
+    meta = {"answer": answer, "options": options, "multi_answer": len(answer) > 1}
+    meta.update({k: obj[k] for k in ("year", "question_type", "category") if obj.get(k) is not None})
+    return [make_record(_id(obj, source, question), "exam", source, _split(split, obj),
+                        [{"role": "user", "content": format_exam_question(question, options)},
+                         {"role": "assistant", "content": reply}], meta=meta)]
+
+
+# --- dialogue -----------------------------------------------------------------------------------
+
+def dialogue_messages(turns: list) -> list[dict]:
+    """Turns -> chat messages: patient=user, doctor=assistant, consecutive same-speaker turns merged,
+    empty turns dropped, and leading doctor greetings (no patient context yet) removed."""
+    messages: list[dict] = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("role") not in ("patient", "doctor"):
+            raise Skip("bad_turn")
+        text = (turn.get("text") or "").strip()
+        if not text:
+            continue
+        role = "user" if turn["role"] == "patient" else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + text
+        elif messages or role == "user":
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def cut_at_doctor_turn(messages: list[dict], seed: int, item_id: str) -> list[dict]:
+    """The dialogue up to a seeded random doctor turn, which becomes the reference (paper 3.2)."""
+    doctor_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    k = doctor_turns[int(hash_fraction("cut", str(seed), item_id) * len(doctor_turns))]
+    return messages[: k + 1]
+
+
+def dialogue(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    if not isinstance(obj.get("turns"), list):
+        raise Skip("missing_field:turns")
+    messages = dialogue_messages(obj["turns"])
+    if not any(m["role"] == "assistant" for m in messages):
+        raise Skip("no_doctor_reply")
+    split = _split(split, obj)
+    item_id = _id(obj, source, *(m["content"] for m in messages))
+    meta = {k: obj[k] for k in ("department", "sub_department") if obj.get(k)}
+    if split == "test":
+        cut = cut_at_doctor_turn(messages, cfg.seed, item_id)
+        meta["cut_turn"] = len(cut) - 1
+        return [make_record(item_id, "dialogue", source, "test", cut, meta=meta)]
+    records = [make_record(item_id, "dialogue", source, split, messages, meta=meta)]
+    if split == "valid" and hash_fraction("rl", str(cfg.seed), item_id) < cfg.rl_dialogue_fraction:
+        cut = cut_at_doctor_turn(messages, cfg.seed, item_id)
+        records.append(make_record(item_id + "-rl", "dialogue", source, "rl", cut, meta=meta))
+    return records
+
+
+def safety(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    messages = dialogue_messages(obj.get("turns") or [])
+    if len(messages) < 2:
+        raise Skip("no_doctor_reply")
+    return [make_record(_id(obj, source, messages[0]["content"]), "safety", source, _split(split, obj),
+                        messages[:2])]
+
+
+# --- diagnosis ----------------------------------------------------------------------------------
+
+def _diagnosis_record(obj, source, split, notes: str, diagnosis: str, group: str, reply: str | None = None):
+    item_id = _id(obj, source, notes)
+    messages = [{"role": "user", "content": f"{notes}\n{DIAGNOSIS_INSTRUCTION}"},
+                {"role": "assistant", "content": reply or f"诊断：{diagnosis}"}]
+    return make_record(item_id, "diagnosis", source, split, messages,
+                       meta={"diagnosis": diagnosis, "disease_group": group})
+
+
+def _holdout_split(split: str, obj: dict, source: str, cfg: DataConfig) -> str:
+    """Sources without a test split get one by a seeded hash of the record id."""
+    if split:
+        return split
+    key = str(obj.get("id") or obj.get("consult_id") or "")
+    return "test" if hash_fraction("holdout", str(cfg.seed), source, key) < cfg.holdout_fraction else "train"
+
+
+def diagnosis_dxy(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    report, diagnosis = _text(obj, "self_report"), _text(obj, "diagnosis")
+    symptoms = {**(obj.get("explicit_symptoms") or {}), **(obj.get("implicit_symptoms") or {})}
+    findings = "、".join(f"{name}（{'有' if present else '无'}）" for name, present in symptoms.items())
+    notes = f"主诉：{report}" + (f"\n症状：{findings}" if findings else "")
+    group = obj.get("disease_group") or "unknown"
+    return [_diagnosis_record(obj, source, _holdout_split(split, obj, source, cfg), notes, diagnosis, group)]
+
+
+def diagnosis_haodf(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    record = obj.get("record")
+    if not isinstance(record, dict):
+        raise Skip("missing_field:record")
+    notes = "\n".join(f"{k}：{str(v).strip()}" for k, v in record.items() if v and str(v).strip())
+    if not notes:
+        raise Skip("empty_text")
+    impression = _text(obj, "preliminary_impression")
+    group = str(record.get("疾病") or "unknown").strip()
+    return [_diagnosis_record(obj, source, _split(split, obj), notes, impression, group)]
+
+
+def diagnosis_cmb_clin(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+    title, notes = _text(obj, "title"), _text(obj, "record")
+    index = obj.get("diagnosis_qa_index")
+    qa = obj.get("qa") or []
+    if index is None or not (0 <= index < len(qa)):
+        raise Skip("no_diagnosis_question")
+    group, _, diagnosis = title.partition("-")
+    group = group.replace("案例分析", "").strip() or "unknown"
+    question, answer = str(qa[index].get("question", "")).strip(), str(qa[index].get("answer", "")).strip()
+    if not question or not answer:
+        raise Skip("empty_text")
+    rec = _diagnosis_record(obj, source, split or "test", notes, diagnosis.strip() or title, group, reply=answer)
+    rec["messages"][0]["content"] = f"{notes}\n{question}"
+    return [rec]
+
+
+# --- preference ---------------------------------------------------------------------------------
+
+# Template leaks that identify a model (README caveat: MING answers start with "Helper：" and lose
+# 89% of pairs); stripped so the reward model cannot learn the tag instead of the content.
+LEAKED_PREFIXES = ("Helper：", "Helper:", "helper：", "helper:")
+
+
+def _strip_leaks(text: str) -> str:
+    for prefix in LEAKED_PREFIXES:
+        if text.startswith(prefix):
+            return text[len(prefix):].lstrip()
+    return text
+
+
+def _preference(weak: bool) -> Callable:
+    def build(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
+        prompt = _text(obj, "prompt")
+        chosen, rejected = _strip_leaks(_text(obj, "chosen")), _strip_leaks(_text(obj, "rejected"))
+        if not chosen or not rejected:
+            raise Skip("empty_text")
+        if chosen == rejected:
+            raise Skip("identical_pair")
+        raw_meta = obj.get("meta") or {}
+        meta = {"subset": obj.get("source", ""), "weak_label": weak,
+                "model_chosen": raw_meta.get("model_chosen"), "model_rejected": raw_meta.get("model_rejected")}
+        return [make_record(_id(obj, source, prompt, chosen, rejected), "preference", source, _split(split, obj),
+                            [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}],
+                            rejected=rejected, meta=meta)]
+    return build
+
+
+BUILDERS: dict[str, Callable] = {
+    "kg_xywy": _kg("xywy"),
+    "kg_health39": _kg("health39"),
+    "community_qa": community_qa,
+    "exam": exam,
+    "dialogue": dialogue,
+    "safety": safety,
+    "diagnosis_dxy": diagnosis_dxy,
+    "diagnosis_haodf": diagnosis_haodf,
+    "diagnosis_cmb_clin": diagnosis_cmb_clin,
+    "preference": _preference(weak=False),
+    "preference_weak": _preference(weak=True),
+}
+
+def may_hold_test(kind: str, split: str) -> bool:
+    """Whether a source's records may land in the test split (their keys are collected before any
+    training record is written, so that no test question leaks into training)."""
+    return split in ("", "test") and not kind.startswith("kg_")

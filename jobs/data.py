@@ -1,0 +1,178 @@
+"""Stage 1: build the clinical training and evaluation sets from the corpora under the data root.
+
+    python jobs/data.py [preset=tiny] [data.root=/path/to/corpora] [key=value ...]
+
+Writes runs/<preset>/data/: records/<split>/<task>/*.parquet, skipped.jsonl (every skipped input line
+with its reason), manifest.json and manifest.md (counts per source, task and split; token counts;
+packing; skip reasons; wall time and peak memory). Presets that train their own tokenizer (tiny)
+train it here on the training records, into the model folder that jobs/bootstrap.py completes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from clinicalgpt.config import Config, load_config
+from clinicalgpt.corpus import build_records, read_records
+from clinicalgpt.packing import IGNORE, pack, tokenize_chats
+from clinicalgpt.runtime import PeakMemory, init_ray
+from clinicalgpt.tokenizer import load_tokenizer, train_tokenizer
+
+SFT_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]
+
+
+def corpus_texts(cfg: Config):
+    """Training text for the tokenizer, streamed: model.tokenizer_train_chars characters shared equally
+    by the tasks (a task with less text gives its unused share to the larger ones)."""
+    tasks = sorted(p.name for p in (cfg.data_dir / "records" / "train").iterdir())
+    budget = cfg.model.tokenizer_train_chars
+    for i, task in enumerate(tasks):  # each task gets an equal share of what is left
+        share = budget // (len(tasks) - i)
+        for batch in read_records(cfg, ["train"], [task]).iter_batches(batch_format="pyarrow", batch_size=1000):
+            for msgs, rejected in zip(batch.column("messages").to_pylist(), batch.column("rejected").to_pylist()):
+                text = "\n".join(m["content"] for m in msgs) + ("\n" + rejected if rejected else "")
+                yield text
+                share -= len(text)
+                budget -= len(text)
+                if share <= 0:
+                    break
+            if share <= 0:
+                break
+
+
+def ensure_tokenizer(cfg: Config) -> str:
+    """Train and save the preset's tokenizer if it trains its own; return where it lives."""
+    path = Path(cfg.model_path)
+    if cfg.model.train_tokenizer:
+        started = time.time()
+        tok = train_tokenizer(corpus_texts(cfg), cfg.model.vocab_size)
+        path.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(path)
+        print(f"[data] trained tokenizer: {len(tok)} tokens in {time.time() - started:.1f}s -> {path}")
+    return str(path)
+
+
+class CountTokens:
+    """Ray Data callable: per-batch token counts by (split, task), and for the training SFT tasks the
+    rows that packing this batch gives (the stream packer packs the same way, batch by batch)."""
+
+    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int, together: bool):
+        self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
+        self.max_len, self.together = max_len, together
+
+    def __call__(self, batch: pa.Table) -> dict:
+        chats = [[dict(m) for m in msgs] for msgs in batch.column("messages").to_pylist()]
+        totals: Counter = Counter()
+        to_pack = []
+        for split, task, (ids, labels) in zip(batch.column("split").to_pylist(), batch.column("task").to_pylist(),
+                                              tokenize_chats(self.tokenizer, chats)):
+            totals[(split, task, "records")] += 1
+            totals[(split, task, "tokens")] += len(ids)
+            totals[(split, task, "trained_tokens")] += sum(x != IGNORE for x in labels)
+            totals[(split, task, "over_max_len")] += len(ids) > self.max_len
+            if split == "train" and task in SFT_TASKS and len(ids) <= self.max_len:
+                to_pack.append((ids, labels))
+        if to_pack:
+            packed = pack(to_pack, self.max_len, self.tokenizer.pad_token_id, self.together)
+            totals[("train", "sft_packed", "samples")] += len(to_pack)
+            totals[("train", "sft_packed", "rows")] += len(packed["num_tokens"])
+            totals[("train", "sft_packed", "real_tokens")] += int(packed["num_tokens"].sum())
+        keys = list(totals)
+        return {"split": [k[0] for k in keys], "task": [k[1] for k in keys], "stat": [k[2] for k in keys],
+                "value": [int(totals[k]) for k in keys]}
+
+
+def token_counts(cfg: Config) -> tuple[dict, dict]:
+    """Token counts per split and task, and the packing of the training SFT stream."""
+    ds = read_records(cfg, ["train", "valid", "rl", "test"]).map_batches(
+        CountTokens, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template,
+                                            "max_len": cfg.seq.max_len, "together": cfg.seq.pack},
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2))
+    out: dict = {}
+    for row in ds.iter_rows():
+        node = out.setdefault(row["split"], {}).setdefault(row["task"], Counter())
+        node[row["stat"]] += row["value"]
+    packed = dict(out["train"].pop("sft_packed", Counter()))
+    packed["packing_efficiency"] = round(packed.get("real_tokens", 0) / max(packed.get("rows", 0) * cfg.seq.max_len, 1), 4)
+    packed["skipped_over_length"] = sum(c["over_max_len"] for t, c in out["train"].items() if t in SFT_TASKS)
+    tokens = {split: {task: dict(c) for task, c in sorted(tasks.items())} for split, tasks in out.items()}
+    return tokens, packed
+
+
+def write_report(manifest: dict, out: Path) -> None:
+    (out / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2))
+    lines = ["# Data manifest", "", f"Data root: `{manifest['data_root']}`", "",
+             f"Built in {manifest['seconds']} s (records), whole job {manifest['job_seconds']} s, "
+             f"peak memory {manifest['peak_memory_gb']} GB.", "",
+             "## Records per task and split", "", "| task | " + " | ".join(manifest["splits"]) + " |",
+             "|---|" + "---|" * len(manifest["splits"])]
+    for task in manifest["totals"]["by_task"]:
+        row = [sum(manifest["records"].get(s, {}).get(task, {}).values()) for s in manifest["splits"]]
+        lines.append(f"| {task} | " + " | ".join(f"{n:,}" for n in row) + " |")
+    lines += ["", "## Records per source", "", "| source | records |", "|---|---|"]
+    lines += [f"| {s} | {n:,} |" for s, n in manifest["totals"]["by_source"].items()]
+    lines += ["", "## Tokens", "", "| split | task | tokens | trained tokens | over max_len |", "|---|---|---|---|---|"]
+    for split, tasks in manifest.get("tokens", {}).items():
+        for task, c in tasks.items():
+            lines.append(f"| {split} | {task} | {c.get('tokens', 0):,} | {c.get('trained_tokens', 0):,} | "
+                         f"{c.get('over_max_len', 0):,} |")
+    if "packing" in manifest:
+        p = manifest["packing"]
+        lines += ["", f"## Packing (train SFT stream, max_len {manifest['max_len']})", "",
+                  f"{p['samples']:,} samples -> {p['rows']:,} rows; efficiency {p['packing_efficiency']:.1%}; "
+                  f"{p['skipped_over_length']:,} samples over max_len skipped."]
+    lines += ["", "## Skipped input lines (see skipped.jsonl)", "", "| source | reason | lines |", "|---|---|---|"]
+    lines += [f"| {s} | {r} | {n:,} |" for s, rs in manifest["skipped"].items() for r, n in rs.items()] or ["| - | - | 0 |"]
+    lines += ["", "## Dropped records", "", "| source | reason | records |", "|---|---|---|"]
+    lines += [f"| {s} | {r} | {n:,} |" for s, rs in manifest["dropped"].items() for r, n in rs.items()] or ["| - | - | 0 |"]
+    (out / "manifest.md").write_text("\n".join(lines) + "\n")
+
+
+def print_summary(m: dict) -> None:
+    print("\n[data] records per task:", ", ".join(f"{k} {v:,}" for k, v in m["totals"]["by_task"].items()))
+    print("[data] records per split:", ", ".join(f"{k} {v:,}" for k, v in m["totals"]["by_split"].items()))
+    print("[data] records per source:")
+    for s, n in m["totals"]["by_source"].items():
+        print(f"    {s:55s} {n:>9,}")
+    if "tokens" in m:
+        train = m["tokens"].get("train", {})
+        print("[data] train tokens:", ", ".join(f"{t} {c['tokens']:,}" for t, c in train.items()))
+    if "packing" in m:
+        p = m["packing"]
+        print(f"[data] packed train SFT: {p['samples']:,} samples -> {p['rows']:,} rows of {m['max_len']}, "
+              f"efficiency {p['packing_efficiency']:.1%}")
+    print(f"[data] skipped {m['skipped_total']:,} lines:",
+          ", ".join(f"{s}/{r} {n}" for s, rs in m["skipped"].items() for r, n in rs.items()) or "none")
+    dropped = Counter()
+    for reasons in m["dropped"].values():
+        dropped.update(reasons)
+    print(f"[data] dropped {m['dropped_total']:,} records:", ", ".join(f"{r} {n:,}" for r, n in dropped.items()))
+    print(f"[data] {m['job_seconds']} s, peak memory {m['peak_memory_gb']} GB -> {m['records_dir']}")
+
+
+def main(argv: list[str]) -> dict:
+    cfg = load_config(argv)
+    started = time.time()
+    with PeakMemory() as mem:
+        init_ray(cfg)
+        manifest = build_records(cfg)
+        tokenizer_path = ensure_tokenizer(cfg)
+        if Path(tokenizer_path).exists() or not cfg.model.train_tokenizer:
+            manifest["tokens"], manifest["packing"] = token_counts(cfg)
+    manifest.update(splits=["train", "valid", "rl", "test"], max_len=cfg.seq.max_len,
+                    job_seconds=round(time.time() - started, 1), peak_memory_gb=round(mem.peak_gb, 2))
+    write_report(manifest, cfg.data_dir)
+    print_summary(manifest)
+    return manifest
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    ray.shutdown()

@@ -1,0 +1,54 @@
+"""The whole recipe, stage after stage, on one Ray cluster (the README's main command).
+
+    python jobs/recipe.py [preset=tiny] [key=value ...]
+
+Joins the cluster at $RAY_ADDRESS, or starts a local one for the run and shuts it down at the end.
+Each stage runs as its own driver (`python jobs/<stage>.py`, exactly what a user would run), so a
+failing stage names itself and the stages already done keep their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from clinicalgpt.config import load_config
+from clinicalgpt.runtime import init_ray
+
+JOBS = Path(__file__).resolve().parent
+STAGES = ["data", "bootstrap"]
+
+
+def main(argv: list[str]) -> None:
+    cfg = load_config(argv)
+    init_ray(cfg)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    timings = {}
+    for stage in STAGES:
+        print(f"\n===== {stage} =====", flush=True)
+        started = time.time()
+        done = subprocess.run([sys.executable, str(JOBS / f"{stage}.py"), *argv], env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"stage {stage} failed (exit {done.returncode}); rerun: python jobs/{stage}.py "
+                             + " ".join(argv))
+        timings[stage] = round(time.time() - started, 1)
+
+    manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
+    print("\n===== summary =====")
+    print(f"preset {cfg.preset}, data root {cfg.data_root}, outputs under {cfg.run_dir}")
+    for stage, seconds in timings.items():
+        print(f"  {stage:10s} {seconds:7.1f} s")
+    print(f"  records: {manifest['totals']['records']:,} ({', '.join(f'{k} {v:,}' for k, v in manifest['totals']['by_task'].items())})")
+    print(f"  skipped input lines: {manifest['skipped_total']:,}; see {cfg.data_dir / 'manifest.md'}")
+    print(f"  base model: {cfg.model_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    ray.shutdown()

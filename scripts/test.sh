@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: sets up .venv if needed, then pytest. Extra arguments go to pytest (e.g. -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # jobs/ are scripts; tests import their main()
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests read the real corpora through the configurable data root (../shared/data by default).
+DATA_ROOT = Path(os.environ.get("CLINICALGPT_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session; shut down (not `ray stop`) at the end."""
+    import ray
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

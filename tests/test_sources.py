@@ -1,0 +1,197 @@
+"""Builders turn one source line into records or a counted Skip; KG templates are deterministic."""
+
+import json
+
+import pytest
+
+from clinicalgpt.config import DataConfig, load_config
+from clinicalgpt.kg_templates import TEMPLATES, clean_objects, join_objects, render_qa
+from clinicalgpt.records import Skip, dedup_key, leak_key, normalize
+from clinicalgpt.sources import BUILDERS, cut_at_doctor_turn, dialogue_messages
+
+CFG = DataConfig()
+
+
+def build(kind, obj, split=""):
+    return BUILDERS[kind](obj, f"test/{kind}", split, CFG)
+
+
+def skip_reason(kind, obj, split=""):
+    with pytest.raises(Skip) as e:
+        build(kind, obj, split)
+    return str(e.value)
+
+
+# --- KG -> QA ---------------------------------------------------------------------------------
+
+def test_join_objects_natural_and_capped():
+    assert join_objects(["咳嗽"], "zh", 8) == "咳嗽"
+    assert join_objects(["咳嗽", "发热", "乏力"], "zh", 8) == "咳嗽、发热和乏力"
+    assert join_objects(["a", "b", "c", "d"], "zh", 2) == "a和b等"
+    assert join_objects(["cough", "fever", "fatigue"], "en", 8) == "cough, fever and fatigue"
+    assert join_objects(["a", "b", "c"], "en", 2) == "a, b and others"
+
+
+def test_clean_objects_drops_truncated_empty_and_repeats():
+    assert clean_objects(["枸橼酸西地那非...", "", "他达拉非片", "他达拉非片", " 阿司匹林 "]) == ["他达拉非片", "阿司匹林"]
+
+
+def test_kg_record_follows_the_template_and_is_deterministic():
+    obj = {"s": "百日咳", "p": "has_complication", "o": ["支气管肺炎", "肺不张"]}
+    cfg = DataConfig(kg_en_fraction=0.0)
+    (rec,) = BUILDERS["kg_xywy"](obj, "kg", "train", cfg)
+    question, answer = (m["content"] for m in rec["messages"])
+    assert question in [q.format(s="百日咳") for q in TEMPLATES["complication"][0]]
+    assert answer == "百日咳可能伴发的疾病和并发症有支气管肺炎和肺不张。"
+    assert BUILDERS["kg_xywy"](obj, "kg", "train", cfg) == [rec]  # same seed, same pair
+
+
+def test_kg_phrasings_and_languages_vary_with_the_seed():
+    outs = {render_qa("symptom", f"病{i}", ["发热"], inverse=False, seed=0, en_fraction=0.5, cap=8)[0]
+            for i in range(200)}
+    zh = [q for q in outs if not q.isascii()]
+    assert len({q.replace(q[q.index("病"):q.index("病") + 4], "") for q in zh}) >= 3  # several zh phrasings
+    assert any(q.startswith("What") for q in outs)  # and English ones
+
+
+def test_every_relation_of_both_graphs_has_a_template(tmp_path):
+    for name in ("xywy_kg_triples_grouped", "health39_kg_triples_grouped"):
+        from tests.conftest import DATA_ROOT
+        relations = {json.loads(line)["p"] for line in open(DATA_ROOT / "cmedqa_kg" / f"{name}.jsonl")}
+        obj = {"s": "病", "o": ["x"]}
+        for p in relations:
+            assert build("kg_xywy", {**obj, "p": p}), p
+
+
+def test_kg_bad_input():
+    assert skip_reason("kg_xywy", {"p": "has_symptom", "o": ["x"]}) == "missing_field:s"
+    assert skip_reason("kg_xywy", {"s": "a", "p": "has_symptom"}) == "missing_field:o"
+    assert skip_reason("kg_xywy", {"s": "a", "p": "has_symptom", "o": ["", "x..."]}) == "empty_text"
+    assert skip_reason("kg_xywy", {"s": "a", "p": "likes", "o": ["x"]}) == "unknown_relation"
+
+
+# --- exam -------------------------------------------------------------------------------------
+
+EXAM = {"id": "e1", "question": "上消化道出血的表现取决于", "options": {"A": "原发病", "B": "出血部位", "C": "出血量"},
+        "answer": "C", "explanation": "主要取决于出血量。"}
+
+
+def test_exam_record_has_lettered_options_answer_and_explanation():
+    (rec,) = build("exam", EXAM, "train")
+    user, reply = (m["content"] for m in rec["messages"])
+    assert "A. 原发病\nB. 出血部位\nC. 出血量" in user
+    assert reply == "答案：C。出血量\n解析：主要取决于出血量。"
+    assert json.loads(rec["meta"])["answer"] == "C"
+
+
+def test_exam_multi_answer_letters_are_sorted():
+    (rec,) = build("exam", {**EXAM, "answer": "CA", "explanation": None}, "train")
+    assert rec["messages"][1]["content"] == "答案：AC。原发病；出血量"
+
+
+def test_exam_bad_input():
+    assert skip_reason("exam", {**EXAM, "answer": "F"}) == "answer_not_in_options"
+    assert skip_reason("exam", {**EXAM, "answer": ""}) == "empty_text"
+    assert skip_reason("exam", {**EXAM, "options": None}) == "missing_field:options"
+    assert skip_reason("exam", {**EXAM, "options": {"A": "x", "B": ""}}) == "empty_text"
+    assert skip_reason("exam", {k: v for k, v in EXAM.items() if k != "question"}) == "missing_field:question"
+    assert skip_reason("exam", {**EXAM, "question": 3}) == "bad_type:question"
+
+
+# --- dialogue ---------------------------------------------------------------------------------
+
+TURNS = [{"role": "doctor", "text": "你好"}, {"role": "patient", "text": "孩子发烧"},
+         {"role": "patient", "text": "三天了"}, {"role": "doctor", "text": "体温多少？"},
+         {"role": "patient", "text": "39度"}, {"role": "doctor", "text": "建议就医"}]
+
+
+def test_dialogue_messages_merge_turns_and_drop_leading_greeting():
+    assert dialogue_messages(TURNS) == [
+        {"role": "user", "content": "孩子发烧\n三天了"}, {"role": "assistant", "content": "体温多少？"},
+        {"role": "user", "content": "39度"}, {"role": "assistant", "content": "建议就医"}]
+
+
+def test_test_dialogue_is_cut_at_a_seeded_doctor_turn_with_the_real_reply_as_reference():
+    (rec,) = build("dialogue", {"id": "d1", "split": "test", "turns": TURNS})
+    msgs = dialogue_messages(TURNS)
+    assert rec["messages"] == msgs[: len(rec["messages"])] and rec["messages"][-1]["role"] == "assistant"
+    cuts = {len(cut_at_doctor_turn(msgs, seed, "d1")) for seed in range(50)}
+    assert cuts == {2, 4}  # both doctor turns are possible cut points
+
+
+def test_train_dialogue_keeps_every_doctor_turn():
+    (rec,) = build("dialogue", {"id": "d1", "split": "train", "turns": TURNS})
+    assert sum(m["role"] == "assistant" for m in rec["messages"]) == 2
+
+
+def test_dialogue_bad_input():
+    assert skip_reason("dialogue", {"split": "train"}) == "missing_field:turns"
+    assert skip_reason("dialogue", {"split": "train", "turns": [{"role": "patient", "text": "hi"}]}) == "no_doctor_reply"
+    assert skip_reason("dialogue", {"split": "train", "turns": [{"role": "nurse", "text": "x"}]}) == "bad_turn"
+    assert skip_reason("dialogue", {"split": "nope", "turns": TURNS}) == "unknown_split"
+
+
+# --- diagnosis, QA, preference ------------------------------------------------------------------
+
+def test_dxy_diagnosis_record_concatenates_notes_and_holds_out_a_test_share():
+    obj = {"id": "dxy-1", "self_report": "小儿3岁，流清鼻涕", "explicit_symptoms": {"流涕": True},
+           "implicit_symptoms": {"打喷嚏": False}, "diagnosis": "过敏性鼻炎", "disease_group": "Respiratory"}
+    (rec,) = build("diagnosis_dxy", obj)
+    assert "主诉：小儿3岁，流清鼻涕\n症状：流涕（有）、打喷嚏（无）" in rec["messages"][0]["content"]
+    assert json.loads(rec["meta"]) == {"diagnosis": "过敏性鼻炎", "disease_group": "Respiratory"}
+    splits = [build("diagnosis_dxy", {**obj, "id": f"dxy-{i}"})[0]["split"] for i in range(400)]
+    assert 0.12 < splits.count("test") / 400 < 0.28  # holdout_fraction 0.2
+
+
+def test_cmb_clin_diagnosis_from_title_and_question():
+    obj = {"id": "c1", "title": "食管疾病 案例分析-胃食管反流病", "record": "病史…",
+           "qa": [{"question": "分析病史", "answer": "…"}, {"question": "诊断是什么？", "answer": "胃食管反流病"}],
+           "diagnosis_qa_index": 1}
+    (rec,) = build("diagnosis_cmb_clin", obj, "test")
+    assert json.loads(rec["meta"]) == {"diagnosis": "胃食管反流病", "disease_group": "食管疾病"}
+    assert rec["messages"][0]["content"] == "病史…\n诊断是什么？"
+    assert skip_reason("diagnosis_cmb_clin", {**obj, "diagnosis_qa_index": None}) == "no_diagnosis_question"
+
+
+def test_preference_strips_model_tags_and_rejects_bad_pairs():
+    obj = {"prompt": "糖尿病人水泡不愈合", "chosen": "Helper：需要检查感染。", "rejected": "注意卫生。", "source": "pulse"}
+    (rec,) = build("preference", obj, "train")
+    assert rec["messages"][1]["content"] == "需要检查感染。" and rec["rejected"] == "注意卫生。"
+    assert skip_reason("preference", {**obj, "rejected": "Helper：需要检查感染。"}) == "identical_pair"
+    assert skip_reason("preference", {**obj, "chosen": "  "}) == "empty_text"
+    assert skip_reason("community_qa", {"question": "q"}) == "missing_field:answer"
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+def test_keys_ignore_punctuation_case_and_width():
+    a = {"messages": [{"role": "user", "content": "高血压能吃党参吗？"}, {"role": "assistant", "content": "可以。"}]}
+    b = {"messages": [{"role": "user", "content": "高血压 能吃党参吗?"}, {"role": "assistant", "content": "可以"}]}
+    assert normalize("ＡＢc，d") == "abcd"
+    assert dedup_key(a) == dedup_key(b) and leak_key(a) == leak_key(b)
+
+
+def test_leak_key_reads_past_a_short_first_message():
+    short = [{"role": "user", "content": "嗯"}, {"role": "assistant", "content": "?"}]
+    a = {"messages": short + [{"role": "user", "content": "孩子拉肚子两天了怎么办呢医生"}]}
+    b = {"messages": short + [{"role": "user", "content": "宝宝咳嗽一周了要不要去医院看看"}]}
+    assert leak_key(a) != leak_key(b)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_presets_and_overrides():
+    assert load_config([]).preset == "tiny"
+    bloom = load_config(["preset=bloom-7b", "seq.max_len=2048"])
+    assert bloom.model.path == "bigscience/bloom-7b1" and bloom.seq.max_len == 2048 and not bloom.seq.pack
+    assert load_config(["preset=qwen2.5-7b"]).model.path.startswith("Qwen/")
+    with pytest.raises(SystemExit, match="nope"):
+        load_config(["seq.nope=1"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        load_config(["preset=gpt-9"])
+
+
+def test_data_root_from_env_and_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLINICALGPT_DATA_ROOT", str(tmp_path))
+    assert load_config([]).data_root == tmp_path
+    assert load_config([f"data.root={tmp_path / 'x'}"]).data_root == tmp_path / "x"
