@@ -187,6 +187,7 @@ def build_records(cfg: Config) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one progress bar over input lines instead (below)
     ctx.execution_options.preserve_order = True  # first occurrence wins deterministically
+    ctx.max_hash_shuffle_aggregators = 2  # the inverse-KG groupby is small; each aggregator is a process
 
     def read(paths):
         return ray.data.read_datasource(JsonLinesDatasource(paths))
@@ -227,12 +228,11 @@ def build_records(cfg: Config) -> dict:
     if cfg.data.kg_inverse and kg_paths:
         inverse = (read(kg_paths)
                    .map_batches(inverse_triples, batch_format="pyarrow", fn_kwargs={"specs": specs})
-                   .groupby(["source", "kind", "object"])
+                   .groupby(["source", "kind", "object"], num_partitions=8)
                    .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg.data}))
         ds = ds.union(inverse)
 
-    bar = tqdm(total=count_lines(paths), desc="building records", unit=" lines", mininterval=2,
-               disable=None if os.environ.get("CI") is None else False)
+    bar = tqdm(total=count_lines(paths), desc="building records", unit=" lines", mininterval=5)
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         bar.update(int(np.sum(block.column("n_inputs").to_numpy())))
         keep = []

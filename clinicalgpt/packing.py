@@ -3,7 +3,8 @@
 Labels are -100 everywhere except the assistant turns (content and end-of-turn token), which is the
 paper's SFT loss: (1/n) sum over response tokens of -log p(w_i | w_<i). Packed rows carry
 position_ids that restart at 0 for each sample; transformers turns restarts into a block-diagonal
-causal mask (masking_utils.find_packed_sequence_indices), so packed samples never attend to each other.
+causal mask (masking_utils.find_packed_sequence_indices), so packed samples never attend to each other;
+it does so only without attention_mask and KV cache: call the model with use_cache=False.
 """
 
 from __future__ import annotations

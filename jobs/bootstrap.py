@@ -27,6 +27,7 @@ def vllm_generate(path: str, prompts: list[str], max_tokens: int = 24) -> list[s
     from vllm import LLM, SamplingParams
     llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    llm.llm_engine.engine_core.shutdown()  # stop the engine process now, not at interpreter exit
     return [o.outputs[0].text for o in outputs]
 
 

@@ -15,6 +15,13 @@ DATA_ROOT = Path(os.environ.get("CLINICALGPT_DATA_ROOT", REPO.parent / "shared" 
 
 
 @pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA_ROOT / "README.md").exists():
+        pytest.fail(f"corpora not found at {DATA_ROOT}: set CLINICALGPT_DATA_ROOT")
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session; shut down (not `ray stop`) at the end."""
     import ray

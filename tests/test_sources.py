@@ -54,10 +54,9 @@ def test_kg_phrasings_and_languages_vary_with_the_seed():
     assert any(q.startswith("What") for q in outs)  # and English ones
 
 
-def test_every_relation_of_both_graphs_has_a_template(tmp_path):
+def test_every_relation_of_both_graphs_has_a_template(data_root):
     for name in ("xywy_kg_triples_grouped", "health39_kg_triples_grouped"):
-        from tests.conftest import DATA_ROOT
-        relations = {json.loads(line)["p"] for line in open(DATA_ROOT / "cmedqa_kg" / f"{name}.jsonl")}
+        relations = {json.loads(line)["p"] for line in open(data_root / "cmedqa_kg" / f"{name}.jsonl")}
         obj = {"s": "病", "o": ["x"]}
         for p in relations:
             assert build("kg_xywy", {**obj, "p": p}), p
