@@ -71,7 +71,7 @@ class DataConfig:
     max_record_chars: int = 12000  # longer records are skipped as over_length
     holdout_fraction: float = 0.2  # test share for sources that ship without a test split
     rl_dialogue_fraction: float = 0.5  # share of valid dialogues also cut into RL prompts
-    shard_rows: int = 50000
+    shard_rows: int = 10000  # small shards: block order shuffling then mixes sources well
     batch_size: int = 2000  # Ray Data batch for building and tokenizing records
 
 
@@ -103,9 +103,43 @@ class SequenceConfig:
 
 
 @dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    """One training stage on Ray Train + DeepSpeed ZeRO-2 (pretrain, sft, rm)."""
+
+    lr: float = 5e-5
+    global_batch: int = 128  # sequences per optimizer step, over all workers (gradient accumulation fills it)
+    micro_batch: int = 8  # sequences per worker per forward pass
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 overrides epochs
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    bf16: bool = False
+    num_workers: int = 2
+    min_workers: int = 0  # > 0: elastic, ScalingConfig(num_workers=(min_workers, num_workers))
+    cpus_per_worker: float = 0.5  # fractional, so Ray Data can stream on the same cores
+    max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
+    checkpoint_every: int = 50  # optimizer steps
+    eval_every: int = 25
+    eval_rows: int = 64  # held-out sequences for the eval loss
+    log_every: int = 5
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS, else a local cluster started for the job
-    num_cpus: int = 0  # for a local cluster; 0 = all
+    num_cpus: int = 0  # logical CPUs of a local cluster; 0 = max(4, cores)
 
 
 @dataclass
@@ -116,6 +150,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     seq: SequenceConfig = field(default_factory=SequenceConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # The tiny preset's values; the paper's are in presets/bloom-7b.yaml.
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=2e-3, global_batch=32, micro_batch=8, max_steps=300, warmup_ratio=0.05, weight_decay=0.01,
+        checkpoint_every=50))
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-3, global_batch=32, micro_batch=8, max_steps=150, lora=LoraSettings()))
+    rm: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, global_batch=32, micro_batch=8, max_steps=150))
 
     # Derived locations: one folder per preset, one subfolder per stage.
     @property
@@ -131,6 +172,9 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return self.run_dir / "data"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
 
     @property
     def model_path(self) -> str:

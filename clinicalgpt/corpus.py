@@ -185,7 +185,6 @@ def build_records(cfg: Config) -> dict:
     records_dir.mkdir(parents=True)
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one progress bar over input lines instead (below)
     ctx.execution_options.preserve_order = True  # first occurrence wins deterministically
     ctx.max_hash_shuffle_aggregators = 2  # the inverse-KG groupby is small; each aggregator is a process
 

@@ -47,6 +47,14 @@ def tokenize_chats(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], 
     return out
 
 
+def tokenize_texts(tokenizer, texts: list[str], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Plain documents for causal-LM pretraining: every token is trained; a document longer than
+    max_len is cut into max_len pieces (pretraining loses nothing to length)."""
+    enc = tokenizer([t + tokenizer.eos_token for t in texts], add_special_tokens=False)["input_ids"]
+    return [(ids[i:i + max_len], ids[i:i + max_len]) for ids in enc for i in range(0, len(ids), max_len)
+            if len(ids[i:i + max_len]) > 1]
+
+
 def pack(samples: list[tuple[list[int], list[int]]], max_len: int, pad_id: int,
          together: bool = True) -> dict[str, np.ndarray]:
     """First-fit-decreasing packing into rows of exactly max_len tokens (together=False: one sample
@@ -84,16 +92,21 @@ def pack(samples: list[tuple[list[int], list[int]]], max_len: int, pad_id: int,
 
 
 class TokenizeAndPack:
-    """Ray Data callable: a batch of records -> packed rows (and per-batch token statistics)."""
+    """Ray Data callable: a batch of records -> packed rows. mode "chat": the chat template with
+    response-only labels (SFT); "text": the messages' text as one document, all tokens trained."""
 
-    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int, together: bool):
+    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int, together: bool, mode: str):
         from .tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
-        self.max_len, self.together = max_len, together
+        self.max_len, self.together, self.mode = max_len, together, mode
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        chats = [[dict(m) for m in msgs] for msgs in batch.column("messages").to_pylist()]
-        samples = tokenize_chats(self.tokenizer, chats)
+        messages = batch.column("messages").to_pylist()
+        if self.mode == "text":
+            texts = ["\n".join(m["content"] for m in msgs) for msgs in messages]
+            samples = tokenize_texts(self.tokenizer, texts, self.max_len)
+        else:
+            samples = tokenize_chats(self.tokenizer, [[dict(m) for m in msgs] for msgs in messages])
         fits = [s for s in samples if len(s[0]) <= self.max_len]
         packed = pack(fits, self.max_len, self.tokenizer.pad_token_id, self.together)
         n = len(packed["num_samples"])
@@ -103,12 +116,19 @@ class TokenizeAndPack:
         return packed
 
 
-def sft_dataset(cfg, splits: list[str], tasks: list[str]) -> ray.data.Dataset:
-    """The packed SFT stream: records of `tasks` in `splits`, tokenized and packed by Ray Data tasks."""
+def packed_dataset(cfg, splits: list[str], tasks: list[str], mode: str = "chat",
+                   shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """A packed training stream: records of `tasks` in `splits` (file blocks in a seeded random order
+    when shuffle_seed is set), tokenized and packed by Ray Data actors (fractional CPUs, so they share
+    cores with the training workers)."""
     from .corpus import read_records
-    return read_records(cfg, splits, tasks).map_batches(
+    records = read_records(cfg, splits, tasks)
+    if shuffle_seed is not None:
+        records = records.randomize_block_order(seed=shuffle_seed)
+    return records.map_batches(
         TokenizeAndPack, fn_constructor_kwargs={"tokenizer_path": cfg.model_path,
                                                 "chat_template": cfg.model.chat_template,
-                                                "max_len": cfg.seq.max_len, "together": cfg.seq.pack},
-        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2))
+                                                "max_len": cfg.seq.max_len, "together": cfg.seq.pack,
+                                                "mode": mode},
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2), num_cpus=0.5)
 

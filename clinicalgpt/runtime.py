@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import psutil
 import ray
+import ray.data
 
 from .config import Config
 
@@ -23,31 +23,39 @@ JOB_ENV = {
 def init_ray(cfg: Config) -> None:
     """Join the cluster at ray.address / $RAY_ADDRESS (as under `ray job submit`), else start a local one."""
     os.environ.update(JOB_ENV)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # jobs print their own progress lines
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": JOB_ENV})
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or None, runtime_env={"env_vars": JOB_ENV})
+        # Logical CPUs beyond the cores: training workers and the Ray Data tasks that feed them must all
+        # be scheduled at once (they wait on each other), even on a 2-core machine.
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), runtime_env={"env_vars": JOB_ENV})
 
 
 class PeakMemory:
-    """Samples system memory in use while the block runs; `peak_gb` is the peak above the level at
-    entry, so it counts the driver and every Ray process the job starts."""
+    """Peak memory of this process and all its descendants (for a local cluster: every Ray process the
+    job started) while the block runs, as PSS, so pages shared between processes count once."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.5):
         self.interval, self.peak_gb = interval, 0.0
         self._stop = threading.Event()
 
     def _sample(self):
+        me = psutil.Process()
         while not self._stop.is_set():
-            used = psutil.virtual_memory().used
-            self.peak_gb = max(self.peak_gb, (used - self._base) / 2**30)
-            time.sleep(self.interval)
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak_gb = max(self.peak_gb, total / 2**30)
+            self._stop.wait(self.interval)
 
     def __enter__(self):
-        self._base = psutil.virtual_memory().used
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self

@@ -8,7 +8,7 @@ import pytest
 
 from clinicalgpt.config import load_config
 from clinicalgpt.corpus import read_records
-from clinicalgpt.packing import IGNORE, sft_dataset
+from clinicalgpt.packing import IGNORE, packed_dataset
 from clinicalgpt.records import leak_key
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def test_no_evaluation_item_appears_in_any_training_set(built):
 def test_packed_sft_stream_feeds_torch_batches(built):
     cfg, manifest = built
     assert read_records(cfg, ["valid"]).count() == manifest["totals"]["by_split"]["valid"]
-    ds = sft_dataset(cfg, ["valid"], ["community_qa", "dialogue"])
+    ds = packed_dataset(cfg, ["valid"], ["community_qa", "dialogue"])
     batch = next(iter(ds.iter_torch_batches(batch_size=4, drop_last=True)))
     assert batch["input_ids"].shape == (4, cfg.seq.max_len)
     assert batch["position_ids"][:, 0].eq(0).all() and (batch["labels"] != IGNORE).any()

@@ -1,0 +1,261 @@
+"""One training loop for every stage, on Ray Train with DeepSpeed ZeRO-2.
+
+    driver:  fit(cfg, stage, train_ds, eval_rows, task)  ->  TorchTrainer(W workers) -> result
+    worker:  deepspeed.initialize (ZeRO-2, torch AdamW, warmup + decay), stream the train shard,
+             gradient accumulation up to the global batch, clipping, periodic eval and checkpoints
+             (ray.train.report), resume from ray.train.get_checkpoint(), export in HF format.
+
+A stage is a `Task`: how to build the model from the previous stage's export and how to compute the
+loss of a batch. Causal-LM stages (pretrain, SFT) and the reward model share everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .config import Config, TrainConfig
+
+CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
+
+
+class Task:
+    """What differs between stages: the model and the loss. Methods run inside the workers."""
+
+    name = "task"
+
+    def build_model(self, cfg: Config, tc: TrainConfig) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(loss, metrics, tokens processed) for one micro-batch."""
+        raise NotImplementedError
+
+    def export(self, model: torch.nn.Module, cfg: Config, out: Path) -> None:
+        """Save the trained model in Hugging Face format for the next stage, vLLM and serving."""
+        raise NotImplementedError
+
+
+def apply_lora(model: torch.nn.Module, tc: TrainConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    if not tc.lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+                                            target_modules=list(tc.lora.targets), task_type=task_type))
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+    """Mean -log p over the labelled tokens of packed rows (position_ids restart per sample)."""
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch and model_takes_positions(model):
+        kwargs["position_ids"] = batch["position_ids"]
+    logits = model(**kwargs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+    return loss, {}, int(batch["num_tokens"].sum()) if "num_tokens" in batch else labels.numel()
+
+
+def model_takes_positions(model) -> bool:
+    """BLOOM (ALiBi) has no position_ids; rotary models do. `model` may be a DeepSpeed engine."""
+    return getattr(model, "module", model).config.model_type != "bloom"
+
+
+def deepspeed_config(tc: TrainConfig, world: int, total_steps: int) -> dict:
+    accumulation = max(1, tc.global_batch // (tc.micro_batch * world))
+    return {
+        "train_micro_batch_size_per_gpu": tc.micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": {"stage": 2, "elastic_checkpoint": True},  # elastic: resume on another world size
+        "bf16": {"enabled": tc.bf16},
+        # torch's AdamW: DeepSpeed's FusedAdam would JIT-compile for minutes on CPU.
+        "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": tc.lr,
+            "warmup_num_steps": max(1, int(tc.warmup_ratio * total_steps)), "warmup_type": "linear"}},
+        "steps_per_print": 10**9,
+    }
+
+
+def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+
+
+def train_loop(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import deepspeed
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg: Config = config["cfg"]
+    tc: TrainConfig = config["train_config"]
+    task: Task = config["task"]
+    total_steps: int = config["total_steps"]
+    out_dir = Path(config["out_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(tc.seed)
+
+    model = task.build_model(cfg, tc)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
+                                                   config=deepspeed_config(tc, world, total_steps))
+    step, rows_seen = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=CKPT_TAG)
+            state = json.loads((Path(d) / "trainer_state.json").read_text())
+        step, rows_seen = state["step"], state["rows_seen"]
+        if rank == 0:
+            print(f"[{task.name}] resumed from step {step} on {world} worker(s)", flush=True)
+
+    writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
+    history = (out_dir / "history.jsonl").open("a", buffering=1) if rank == 0 else None
+    metrics = _ray_metrics(task.name)
+    eval_batch = _to_tensors(config["eval_rows"]) if config["eval_rows"] is not None else None
+    shard = ray.train.get_dataset_shard("train")
+    # Rows this worker skips on resume (its share of what the run had consumed), so data is not repeated.
+    skip_rows = rows_seen // world
+    started, tokens, window, start_step = time.time(), 0, [], step
+    done = step >= total_steps
+    while not done:
+        for np_batch in shard.iter_batches(batch_size=tc.micro_batch, batch_format="numpy", drop_last=True,
+                                           local_shuffle_buffer_size=tc.micro_batch * 32):
+            if skip_rows > 0:
+                skip_rows -= tc.micro_batch
+                continue
+            engine.train()
+            loss, extra, n_tokens = task.loss(engine, _to_tensors(np_batch))
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            tokens += n_tokens * world
+            rows_seen += tc.micro_batch * world
+            window.append(loss.item())
+            if not boundary:
+                continue
+            step += 1
+            logged = {"step": step, "loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0], **extra}
+            window = []
+            if eval_batch is not None and (step % tc.eval_every == 0 or step == total_steps or step == 1):
+                logged["eval_loss"] = _evaluate(engine, task, eval_batch, tc.micro_batch)
+            elapsed = time.time() - started
+            logged["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            logged["start_step"] = start_step
+            if rank == 0:
+                _log(task.name, logged, total_steps, elapsed, tc.log_every, writer, metrics)
+                history.write(json.dumps(logged) + "\n")
+            last = step >= total_steps
+            if step % tc.checkpoint_every == 0 or last:
+                _save_checkpoint(engine, step, rows_seen, logged, rank)
+            if last:
+                done = True
+                break
+    if rank == 0:
+        task.export(engine.module, cfg, out_dir / "final")
+        history.close()
+        writer.close()
+
+
+def _evaluate(engine, task: Task, rows: dict[str, torch.Tensor], micro: int) -> float:
+    engine.eval()
+    losses = []
+    with torch.no_grad():
+        n = len(next(iter(rows.values())))
+        for i in range(0, n, micro):
+            loss, _, _ = task.loss(engine, {k: v[i:i + micro] for k, v in rows.items()})
+            losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def _save_checkpoint(engine, step: int, rows_seen: int, logged: dict, rank: int) -> None:
+    """Every rank writes its ZeRO shard; Ray Train merges them into one checkpoint in storage and only
+    registers it once all ranks have reported, so a crash mid-write never replaces the last good one."""
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=CKPT_TAG)
+        if rank == 0:
+            (Path(d) / "trainer_state.json").write_text(json.dumps({"step": step, "rows_seen": rows_seen}))
+        ray.train.report(logged, checkpoint=Checkpoint.from_directory(d))
+
+
+def _ray_metrics(stage: str) -> dict:
+    from ray.util.metrics import Gauge
+    tags = {"stage": stage}
+    gauges = {name: Gauge(f"clinicalgpt_train_{name}", description=desc, tag_keys=("stage",))
+              for name, desc in [("loss", "training loss"), ("eval_loss", "held-out loss"),
+                                 ("tokens_per_s", "training throughput"), ("step", "optimizer step")]}
+    for g in gauges.values():
+        g.set_default_tags(tags)
+    return gauges
+
+
+def _log(stage: str, logged: dict, total: int, elapsed: float, log_every: int, writer, metrics: dict) -> None:
+    step = logged["step"]
+    for k, v in logged.items():
+        if k != "step" and isinstance(v, (int, float)):
+            writer.add_scalar(f"{stage}/{k}", v, step)
+            if k in metrics:
+                metrics[k].set(v)
+    metrics["step"].set(step)
+    if step % log_every == 0 or "eval_loss" in logged or step == total:
+        eta = elapsed / max(step - logged["start_step"], 1) * (total - step)
+        extra = f" eval_loss {logged['eval_loss']:.4f}" if "eval_loss" in logged else ""
+        acc = f" acc {logged['accuracy']:.3f}" if "accuracy" in logged else ""
+        print(f"[{stage}] step {step}/{total} loss {logged['loss']:.4f}{extra}{acc} lr {logged['lr']:.2e} "
+              f"{logged['tokens_per_s']:,.0f} tok/s ETA {eta:,.0f}s", flush=True)
+
+
+def fit(cfg: Config, task: Task, tc: TrainConfig, train_ds: ray.data.Dataset, total_steps: int,
+        eval_rows: dict[str, np.ndarray] | None) -> ray.train.Result:
+    """Train `task` with Ray Train; rerunning with the same run folder resumes from its last checkpoint."""
+    out_dir = cfg.stage_dir(task.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = (tc.min_workers, tc.num_workers) if tc.min_workers else tc.num_workers
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "train_config": tc, "task": task, "total_steps": total_steps,
+                           "out_dir": str(out_dir), "eval_rows": eval_rows},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=task.name, storage_path=str(out_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds},
+    )
+    return trainer.fit()
+
+
+def steps_for(tc: TrainConfig, rows: int) -> int:
+    """Optimizer steps of a stage: max_steps, else epochs over `rows` sequences."""
+    return tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * rows / tc.global_batch))
+
+
+def take_rows(ds: ray.data.Dataset, n: int) -> dict[str, np.ndarray]:
+    """The first n rows of a stream as numpy arrays (the fixed held-out set of a stage)."""
+    return ds.take_batch(n, batch_format="numpy")
+
+
+def summarize_history(path: Path) -> dict:
+    """Loss curve summary; a step redone after a restart counts once (its latest value)."""
+    by_step = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        by_step[row["step"]] = row
+    rows = [by_step[k] for k in sorted(by_step)]
+    evals = [r for r in rows if "eval_loss" in r]
+    return {"steps": rows[-1]["step"] if rows else 0,
+            "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+            "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "mean_tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rows[-10:]])) if rows else None}
+
