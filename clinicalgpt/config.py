@@ -90,7 +90,7 @@ class ModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 688
     max_position_embeddings: int = 2048
-    tokenizer_train_chars: int = 4_000_000
+    tokenizer_train_chars: int = 3_000_000
     # Used only when the tokenizer has no chat template of its own (BLOOM has none).
     chat_template: str = ""
     dtype: str = "float32"

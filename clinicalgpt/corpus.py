@@ -187,6 +187,10 @@ def build_records(cfg: Config) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # first occurrence wins deterministically
     ctx.max_hash_shuffle_aggregators = 2  # the inverse-KG groupby is small; each aggregator is a process
+    # As many tasks at once as there are cores (a local cluster has more logical CPUs, for training):
+    # each worker process keeps the memory it grew to, so more of them only cost memory.
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+        cpu=os.cpu_count(), gpu=float("inf"), object_store_memory=float("inf"), memory=float("inf"))
 
     def read(paths):
         return ray.data.read_datasource(JsonLinesDatasource(paths))

@@ -17,6 +17,8 @@ JOB_ENV = {
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),  # models come from local paths
     "TOKENIZERS_PARALLELISM": "false",  # Ray Data already runs tokenizers in parallel
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+    # glibc's per-thread malloc arenas keep freed memory; pooled Ray workers then hold GBs after a task.
+    "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
 }
 
 

@@ -89,7 +89,7 @@ def deepspeed_config(tc: TrainConfig, world: int, total_steps: int) -> dict:
 
 
 def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+    return {k: torch.as_tensor(v) for k, v in batch.items() if v.dtype.kind in "iufb"}  # numeric columns only
 
 
 def train_loop(config: dict) -> None:
@@ -127,7 +127,8 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     # Rows this worker skips on resume (its share of what the run had consumed), so data is not repeated.
     skip_rows = rows_seen // world
-    started, tokens, window, start_step = time.time(), 0, [], step
+    # Throughput and ETA over the last optimizer steps (not since start: that would count start-up time).
+    step_started, tokens, window, recent = time.time(), 0, [], []  # window: per micro-batch metrics
     done = step >= total_steps
     while not done:
         for np_batch in shard.iter_batches(batch_size=tc.micro_batch, batch_format="numpy", drop_last=True,
@@ -142,23 +143,26 @@ def train_loop(config: dict) -> None:
             engine.step()
             tokens += n_tokens * world
             rows_seen += tc.micro_batch * world
-            window.append(loss.item())
+            window.append({"loss": loss.item(), **extra})
             if not boundary:
                 continue
             step += 1
-            logged = {"step": step, "loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0], **extra}
-            window = []
+            now = time.time()
+            recent = (recent + [(tokens, now - step_started)])[-10:]
+            logged = {"step": step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
+                      "lr": scheduler.get_last_lr()[0], "step_seconds": now - step_started,
+                      "tokens_per_s": sum(t for t, _ in recent) / max(sum(s for _, s in recent), 1e-9)}
+            window, tokens = [], 0
             if eval_batch is not None and (step % tc.eval_every == 0 or step == total_steps or step == 1):
                 logged["eval_loss"] = _evaluate(engine, task, eval_batch, tc.micro_batch)
-            elapsed = time.time() - started
-            logged["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-            logged["start_step"] = start_step
             if rank == 0:
-                _log(task.name, logged, total_steps, elapsed, tc.log_every, writer, metrics)
+                eta = float(np.mean([s for _, s in recent])) * (total_steps - step)
+                _log(task.name, logged, total_steps, eta, tc.log_every, writer, metrics)
                 history.write(json.dumps(logged) + "\n")
             last = step >= total_steps
             if step % tc.checkpoint_every == 0 or last:
                 _save_checkpoint(engine, step, rows_seen, logged, rank)
+            step_started = time.time()  # evaluation and checkpoints are not training time
             if last:
                 done = True
                 break
@@ -200,7 +204,7 @@ def _ray_metrics(stage: str) -> dict:
     return gauges
 
 
-def _log(stage: str, logged: dict, total: int, elapsed: float, log_every: int, writer, metrics: dict) -> None:
+def _log(stage: str, logged: dict, total: int, eta: float, log_every: int, writer, metrics: dict) -> None:
     step = logged["step"]
     for k, v in logged.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -209,7 +213,6 @@ def _log(stage: str, logged: dict, total: int, elapsed: float, log_every: int, w
                 metrics[k].set(v)
     metrics["step"].set(step)
     if step % log_every == 0 or "eval_loss" in logged or step == total:
-        eta = elapsed / max(step - logged["start_step"], 1) * (total - step)
         extra = f" eval_loss {logged['eval_loss']:.4f}" if "eval_loss" in logged else ""
         acc = f" acc {logged['accuracy']:.3f}" if "accuracy" in logged else ""
         print(f"[{stage}] step {step}/{total} loss {logged['loss']:.4f}{extra}{acc} lr {logged['lr']:.2e} "

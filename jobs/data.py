@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from clinicalgpt.config import Config, load_config
@@ -29,13 +30,14 @@ SFT_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]
 
 
 def corpus_texts(cfg: Config):
-    """Training text for the tokenizer, streamed: model.tokenizer_train_chars characters shared equally
-    by the tasks (a task with less text gives its unused share to the larger ones)."""
-    tasks = sorted(p.name for p in (cfg.data_dir / "records" / "train").iterdir())
+    """Training text for the tokenizer, streamed from the record shards: model.tokenizer_train_chars
+    characters shared equally by the tasks (a task with less text leaves its share to the others)."""
+    task_dirs = sorted((cfg.data_dir / "records" / "train").iterdir())
     budget = cfg.model.tokenizer_train_chars
-    for i, task in enumerate(tasks):  # each task gets an equal share of what is left
-        share = budget // (len(tasks) - i)
-        for batch in read_records(cfg, ["train"], [task]).iter_batches(batch_format="pyarrow", batch_size=1000):
+    for i, task_dir in enumerate(task_dirs):
+        share = budget // (len(task_dirs) - i)  # an equal share of what is left
+        for batch in (b for f in sorted(task_dir.glob("*.parquet"))
+                      for b in pq.ParquetFile(f).iter_batches(batch_size=1000, columns=["messages", "rejected"])):
             for msgs, rejected in zip(batch.column("messages").to_pylist(), batch.column("rejected").to_pylist()):
                 text = "\n".join(m["content"] for m in msgs) + ("\n" + rejected if rejected else "")
                 yield text
@@ -47,16 +49,21 @@ def corpus_texts(cfg: Config):
                 break
 
 
+@ray.remote(num_cpus=1, max_calls=1)  # a fresh process that exits after: its memory goes back to the OS
+def _train_tokenizer(cfg: Config) -> int:
+    tok = train_tokenizer(corpus_texts(cfg), cfg.model.vocab_size)
+    Path(cfg.model_path).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(cfg.model_path)
+    return len(tok)
+
+
 def ensure_tokenizer(cfg: Config) -> str:
     """Train and save the preset's tokenizer if it trains its own; return where it lives."""
-    path = Path(cfg.model_path)
     if cfg.model.train_tokenizer:
         started = time.time()
-        tok = train_tokenizer(corpus_texts(cfg), cfg.model.vocab_size)
-        path.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(path)
-        print(f"[data] trained tokenizer: {len(tok)} tokens in {time.time() - started:.1f}s -> {path}")
-    return str(path)
+        size = ray.get(_train_tokenizer.remote(cfg))
+        print(f"[data] trained tokenizer: {size} tokens in {time.time() - started:.1f}s -> {cfg.model_path}")
+    return cfg.model_path
 
 
 class CountTokens:
@@ -94,7 +101,7 @@ def token_counts(cfg: Config) -> tuple[dict, dict]:
     ds = read_records(cfg, ["train", "valid", "rl", "test"]).map_batches(
         CountTokens, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template,
                                             "max_len": cfg.seq.max_len, "together": cfg.seq.pack},
-        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2))
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=1)  # one actor: bounded memory
     out: dict = {}
     for row in ds.iter_rows():
         node = out.setdefault(row["split"], {}).setdefault(row["task"], Counter())

@@ -29,3 +29,14 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as init_ray: logical > cores
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def built(ray_session, data_root, tmp_path_factory):
+    """The data job and the tiny model bootstrap on the real corpora, once per session: (cfg, manifest)."""
+    from clinicalgpt.config import load_config
+    from jobs import bootstrap, data
+    argv = [f"run_root={tmp_path_factory.mktemp('runs')}", f"data.root={data_root}"]
+    manifest = data.main(argv)
+    bootstrap.main(argv + ["check_vllm=false"])
+    return load_config(argv), manifest

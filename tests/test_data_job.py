@@ -6,20 +6,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from clinicalgpt.config import load_config
 from clinicalgpt.corpus import read_records
 from clinicalgpt.packing import IGNORE, packed_dataset
 from clinicalgpt.records import leak_key
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def built(ray_session, data_root, tmp_path_factory):
-    from jobs import data
-    run_root = tmp_path_factory.mktemp("runs")
-    argv = [f"run_root={run_root}", f"data.root={data_root}"]
-    return load_config(argv), data.main(argv)
 
 
 def test_every_corpus_becomes_records(built):

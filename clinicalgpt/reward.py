@@ -1,0 +1,182 @@
+"""The reward model: the SFT model with a scalar head on the last non-pad token's final hidden state,
+trained on pairs with the rank loss -log sigma(r(prompt, chosen) - r(prompt, rejected)).
+
+Pairs come from the preference corpora (AI-judged) and from pairs built here where the corpora hold
+ground truth, because factual errors are what a clinical reward model must catch:
+  - kg_swap: a KG answer vs. the same template filled with another disease's objects (wrong facts);
+  - exam_wrong_option: an exam answer vs. the same reply naming a wrong option.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from .config import Config, TrainConfig
+from .kg_templates import render_qa
+from .records import hash_fraction
+from .trainer import Task, apply_lora
+
+CONSTRUCTED_TEST_FRACTION = 0.05
+# Share of KG records turned into swap pairs: ~5k of the 250k, so the AI-judged preference pairs (3.5k)
+# and the exam pairs (~9k) are not drowned out.
+KG_PAIR_FRACTION = 0.02
+
+
+def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: int) -> pa.Table:
+    """Ray Data map: KG and exam training records -> (prompt, chosen, rejected, source, split) pairs."""
+    rows = batch.to_pylist()
+    by_kind = defaultdict(list)
+    for r in rows:
+        if r["task"] == "kg_qa":
+            by_kind[json.loads(r["meta"])["relation"]].append(r)
+    out = defaultdict(list)
+
+    def add(prompt, chosen, rejected, source, key):
+        split = "test" if hash_fraction("rm-split", str(seed), key) < CONSTRUCTED_TEST_FRACTION else "train"
+        for k, v in zip(("prompt", "chosen", "rejected", "source", "split"), (prompt, chosen, rejected, source, split)):
+            out[k].append(v)
+
+    for group in by_kind.values():
+        for i, r in enumerate(group):
+            if hash_fraction("kg-pair", str(seed), r["id"]) >= KG_PAIR_FRACTION:
+                continue
+            meta = json.loads(r["meta"])
+            # The donor: the next record of the same relation whose objects share nothing with this one.
+            donors = [d for d in group[i + 1:] + group[:i] if not set(json.loads(d["meta"])["objects"]) & set(meta["objects"])]
+            if not donors:
+                continue
+            wrong = json.loads(donors[0]["meta"])["objects"]
+            inverse = meta["relation"].startswith("inverse:")
+            _, rejected, _ = render_qa(meta["kind"], meta["subject"], wrong, inverse=inverse, seed=seed,
+                                       en_fraction=kg_en_fraction, cap=cap)
+            user, chosen = r["messages"][0]["content"], r["messages"][-1]["content"]
+            add(user, chosen, rejected, "constructed/kg_swap", r["id"])
+    for r in rows:
+        if r["task"] != "exam":
+            continue
+        meta = json.loads(r["meta"])
+        wrong = sorted(set(meta["options"]) - set(meta["answer"]))
+        if not wrong:
+            continue
+        letter = wrong[int(hash_fraction("wrong", r["id"]) * len(wrong))]
+        chosen = r["messages"][-1]["content"].split("\n")[0]  # "答案：C。<text>" without the explanation
+        rejected = f"答案：{letter}。{meta['options'][letter]}"
+        add(r["messages"][0]["content"], chosen, rejected, "constructed/exam_wrong_option", r["id"])
+    schema = pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected", "source", "split")])
+    return pa.table(dict(out), schema=schema) if out else schema.empty_table()
+
+
+def preference_pairs(batch: pa.Table) -> pa.Table:
+    """Ray Data map: preference records -> pairs (the source is the corpus subset, e.g. pulse_eval/WebMedQA)."""
+    rows = batch.to_pylist()
+    return pa.table({
+        "prompt": [r["messages"][0]["content"] for r in rows],
+        "chosen": [r["messages"][-1]["content"] for r in rows],
+        "rejected": [r["rejected"] for r in rows],
+        "source": [json.loads(r["meta"]).get("subset") or r["source"] for r in rows],
+        "split": [r["split"] for r in rows],
+    })
+
+
+def pair_dataset(cfg: Config) -> ray.data.Dataset:
+    """All pairs, train and test, as one stream of (prompt, chosen, rejected, source, split)."""
+    from .corpus import read_records
+    prefs = read_records(cfg, ["train", "test"], ["preference"]).map_batches(preference_pairs, batch_format="pyarrow")
+    built = read_records(cfg, ["train"], ["kg_qa", "exam"]).map_batches(
+        constructed_pairs, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+        fn_kwargs={"seed": cfg.data.seed, "kg_en_fraction": cfg.data.kg_en_fraction, "cap": cfg.data.kg_max_objects})
+    return prefs.union(built)
+
+
+class TokenizePairs:
+    """Ray Data callable: pairs -> chosen/rejected token ids, right-padded to max_len (the prompt is cut
+    from the left when a pair does not fit, so the replies are always scored whole)."""
+
+    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
+        from .tokenizer import load_tokenizer
+        self.tok = load_tokenizer(tokenizer_path, chat_template)
+        self.max_len = max_len
+
+    def encode(self, prompt: str, reply: str) -> list[int]:
+        head = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                            add_generation_prompt=True)
+        prompt_ids = self.tok(head, add_special_tokens=False)["input_ids"]
+        reply_ids = self.tok(reply + self.tok.eos_token, add_special_tokens=False)["input_ids"][: self.max_len // 2]
+        keep = self.max_len - len(reply_ids)
+        return prompt_ids[-keep:] + reply_ids
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        out = {"chosen_ids": [], "rejected_ids": []}
+        for p, c, r in zip(*(batch.column(k).to_pylist() for k in ("prompt", "chosen", "rejected"))):
+            for key, reply in (("chosen_ids", c), ("rejected_ids", r)):
+                ids = self.encode(p, reply)
+                out[key].append(ids + [self.tok.pad_token_id] * (self.max_len - len(ids)))
+        arrays = {k: np.array(v, dtype=np.int64) for k, v in out.items()}
+        arrays["source"] = np.array(batch.column("source").to_pylist(), dtype=object)
+        return arrays
+
+
+def tokenized_pairs(cfg: Config, pairs: ray.data.Dataset) -> ray.data.Dataset:
+    return pairs.map_batches(TokenizePairs, fn_constructor_kwargs={
+        "tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template, "max_len": cfg.seq.max_len},
+        batch_format="pyarrow", batch_size=256, concurrency=(1, 2), num_cpus=0.5)
+
+
+def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Reward per sequence; trailing all-pad columns are cut first (they cost compute, change nothing)."""
+    width = int((ids != pad_id).sum(1).max())
+    return model(input_ids=ids[:, :width], use_cache=False).logits[:, 0].float()
+
+
+class RewardTask(Task):
+    name = "rm"
+
+    def __init__(self, source: str, pad_id: int):
+        self.source, self.pad_id = source, pad_id
+
+    def build_model(self, cfg: Config, tc: TrainConfig) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(self.source, num_labels=1)
+        model.config.pad_token_id = self.pad_id
+        return apply_lora(model, tc, task_type="SEQ_CLS")
+
+    def loss(self, model, batch):
+        n = len(batch["chosen_ids"])
+        r = scores(model, torch.cat([batch["chosen_ids"], batch["rejected_ids"]]), self.pad_id)
+        margin = r[:n] - r[n:]
+        loss = -torch.nn.functional.logsigmoid(margin).mean()
+        tokens = int((batch["chosen_ids"] != self.pad_id).sum() + (batch["rejected_ids"] != self.pad_id).sum())
+        return loss, {"accuracy": float((margin > 0).float().mean())}, tokens
+
+    def export(self, model: torch.nn.Module, cfg: Config, out: Path) -> None:
+        from .tokenizer import load_tokenizer
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(out)
+        load_tokenizer(cfg.model_path, cfg.model.chat_template).save_pretrained(out)
+
+
+def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset, batch_size: int = 32) -> dict:
+    """Held-out pairwise accuracy, overall and per source (the chosen reply must score higher)."""
+    from transformers import AutoModelForSequenceClassification
+    from .tokenizer import load_tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    pad = load_tokenizer(model_dir).pad_token_id
+    correct, per_source = [], defaultdict(list)
+    with torch.no_grad():
+        for batch in tokenized_pairs(cfg, test_pairs).iter_batches(batch_size=batch_size, batch_format="numpy"):
+            n = len(batch["chosen_ids"])
+            ids = torch.as_tensor(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]]))
+            r = scores(model, ids, pad)
+            for source, ok in zip(batch["source"], (r[:n] > r[n:]).tolist()):
+                correct.append(ok)
+                per_source[source].append(ok)
+    return {"overall": float(np.mean(correct)), "pairs": len(correct),
+            "per_source": {s: {"accuracy": float(np.mean(v)), "pairs": len(v)} for s, v in sorted(per_source.items())}}

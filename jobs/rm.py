@@ -1,0 +1,56 @@
+"""Stage 5: the reward model: the SFT model plus a scalar head, trained with the pairwise rank loss on
+the medical preference pairs and on pairs constructed from ground truth (KG facts swapped for wrong
+ones, exam answers naming a wrong option). Reports pairwise accuracy on held-out pairs per source.
+
+    python jobs/rm.py [preset=tiny] [rm.max_steps=60] [key=value ...]
+
+Output: runs/<preset>/rm/final (HF AutoModelForSequenceClassification + tokenizer), history,
+tensorboard, accuracy.json / accuracy.md, summary.json.
+"""
+
+import json
+import sys
+
+import ray
+
+from clinicalgpt.config import load_config
+from clinicalgpt.reward import RewardTask, pair_dataset, pairwise_accuracy, tokenized_pairs
+from clinicalgpt.runtime import init_ray
+from clinicalgpt.tokenizer import load_tokenizer
+from clinicalgpt.trainer import fit, steps_for, summarize_history, take_rows
+
+
+def main(argv: list[str]) -> dict:
+    cfg = load_config(argv)
+    source = cfg.stage_dir("sft") / "final"
+    if not (source / "config.json").exists():
+        raise SystemExit(f"no SFT model at {source}: run jobs/sft.py preset={cfg.preset} first")
+    init_ray(cfg)
+    tc, out = cfg.rm, cfg.stage_dir("rm")
+    pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
+    train = pairs.filter(lambda r: r["split"] == "train").randomize_block_order(seed=tc.seed)
+    test = pairs.filter(lambda r: r["split"] == "test")
+    eval_rows = take_rows(tokenized_pairs(cfg, test.random_shuffle(seed=tc.seed)), tc.eval_rows)
+    pad_id = load_tokenizer(cfg.model_path).pad_token_id
+    result = fit(cfg, RewardTask(str(source), pad_id), tc, tokenized_pairs(cfg, train),
+                 steps_for(tc, train.count()), eval_rows)
+    if result.error:
+        raise SystemExit(f"[rm] training failed: {result.error}")
+
+    accuracy = pairwise_accuracy(cfg, str(out / "final"), test)
+    (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))
+    lines = ["# Reward model: held-out pairwise accuracy", "", "| source | pairs | accuracy |", "|---|---|---|"]
+    lines += [f"| {s} | {v['pairs']} | {v['accuracy']:.3f} |" for s, v in accuracy["per_source"].items()]
+    lines += [f"| **overall** | {accuracy['pairs']} | **{accuracy['overall']:.3f}** |"]
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    summary = {**summarize_history(out / "history.jsonl"), "accuracy": accuracy["overall"], "model": str(out / "final")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines))
+    print(f"[rm] done: held-out loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}, "
+          f"pairwise accuracy {accuracy['overall']:.3f}; model -> {summary['model']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    ray.shutdown()
