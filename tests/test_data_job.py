@@ -68,6 +68,6 @@ def test_bootstrapped_model_loads_offline_and_generates_in_vllm(built):
     cfg, _ = built
     result = bootstrap.main([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}"])
     assert 1e6 < result["parameters"] < 2e7  # a few million parameters
-    assert result["transformers_text"] and result["vllm_text"]
-    # Greedy decoding of the same fp32 weights: vLLM and transformers agree on the first tokens.
-    assert result["vllm_text"][:4] == result["transformers_text"][:4]
+    assert len(result["transformers_ids"]) > 0 and len(result["vllm_ids"]) > 0
+    # Greedy decoding of the same fp32 weights: vLLM and transformers pick the same first tokens.
+    assert result["vllm_ids"][:8] == result["transformers_ids"][:8]
