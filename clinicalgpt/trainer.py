@@ -77,7 +77,9 @@ def deepspeed_config(tc: TrainConfig, world: int, total_steps: int) -> dict:
         "train_micro_batch_size_per_gpu": tc.micro_batch,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": tc.grad_clip,
-        "zero_optimization": {"stage": 2, "elastic_checkpoint": True},  # elastic: resume on another world size
+        # Rigid ZeRO checkpoints: DeepSpeed 0.19.8 fails to restore elastic ones saved with torch AdamW
+        # (assert BASE_OPTIMIZER_STATE_STEP), so a resume needs the same number of workers for now.
+        "zero_optimization": {"stage": 2, "elastic_checkpoint": False},
         "bf16": {"enabled": tc.bf16},
         # torch's AdamW: DeepSpeed's FusedAdam would JIT-compile for minutes on CPU.
         "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay, "torch_adam": True}},

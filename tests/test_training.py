@@ -42,7 +42,6 @@ def test_pretrain_held_out_loss_falls_then_sft_exports_lora_and_merged_models(bu
     assert (cfg.stage_dir("sft") / "tensorboard").iterdir()
 
 
-@pytest.mark.skip(reason="issue 3, open: the rerun after a kill exits 1 (being investigated)")
 def test_rerun_after_an_interrupted_job_resumes_from_its_checkpoint(built, tmp_path):
     cfg, _ = built
     # A separate run folder that shares the built data and base model.
