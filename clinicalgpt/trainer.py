@@ -1,6 +1,6 @@
 """One training loop for every stage, on Ray Train with DeepSpeed ZeRO-2.
 
-    driver:  fit(cfg, stage, train_ds, eval_rows, task)  ->  TorchTrainer(W workers) -> result
+    driver:  fit(cfg, task, train_config, train_ds, total_steps, eval_rows) -> TorchTrainer(W workers)
     worker:  deepspeed.initialize (ZeRO-2, torch AdamW, warmup + decay), stream the train shard,
              gradient accumulation up to the global batch, clipping, periodic eval and checkpoints
              (ray.train.report), resume from ray.train.get_checkpoint(), export in HF format.
