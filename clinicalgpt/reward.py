@@ -21,7 +21,7 @@ import torch
 from .config import Config, TrainConfig
 from .kg_templates import render_qa
 from .records import hash_fraction
-from .trainer import Task, apply_lora
+from .trainer import Task, apply_lora, export_hf
 
 CONSTRUCTED_TEST_FRACTION = 0.05
 # Share of KG records turned into swap pairs: ~5k of the 250k, so the AI-judged preference pairs (3.5k)
@@ -156,11 +156,7 @@ class RewardTask(Task):
         return loss, {"accuracy": float((margin > 0).float().mean())}, tokens
 
     def export(self, model: torch.nn.Module, cfg: Config, out: Path) -> None:
-        from .tokenizer import load_tokenizer
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        model.save_pretrained(out)
-        load_tokenizer(cfg.model_path, cfg.model.chat_template).save_pretrained(out)
+        export_hf(model, cfg, out)
 
 
 def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset, batch_size: int = 32) -> dict:

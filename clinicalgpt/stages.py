@@ -9,8 +9,7 @@ import torch
 
 from .config import Config, TrainConfig
 from .modeling import load_model
-from .tokenizer import load_tokenizer
-from .trainer import Task, apply_lora, causal_lm_loss
+from .trainer import Task, apply_lora, causal_lm_loss, export_hf
 
 # Tasks whose text teaches the model medicine: everything with a training split except preference pairs.
 CORPUS_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]
@@ -30,11 +29,7 @@ class CausalLMTask(Task):
         return causal_lm_loss(model, batch)
 
     def export(self, model: torch.nn.Module, cfg: Config, out: Path) -> None:
-        if hasattr(model, "merge_and_unload"):  # a PEFT model: keep the adapter, then merge it
-            model.save_pretrained(out.parent / "adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(out)
-        load_tokenizer(cfg.model_path, cfg.model.chat_template).save_pretrained(out)
+        export_hf(model, cfg, out, adapter_dir=out.parent / "adapter")
 
 
 def estimated_rows(cfg: Config, splits: list[str], tasks: list[str]) -> int:

@@ -54,6 +54,18 @@ def apply_lora(model: torch.nn.Module, tc: TrainConfig, task_type: str = "CAUSAL
                                             target_modules=list(tc.lora.targets), task_type=task_type))
 
 
+def export_hf(model: torch.nn.Module, cfg: Config, out: Path, adapter_dir: Path | None = None) -> None:
+    """Save a trained model in Hugging Face format with the tokenizer; a PEFT model is merged first
+    (its adapter saved to adapter_dir when given), as vLLM's BLOOM takes no LoRA."""
+    from .tokenizer import load_tokenizer
+    if hasattr(model, "merge_and_unload"):
+        if adapter_dir is not None:
+            model.save_pretrained(adapter_dir)
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    load_tokenizer(cfg.model_path, cfg.model.chat_template).save_pretrained(out)
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
     """Mean -log p over the labelled tokens of packed rows (position_ids restart per sample)."""
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}

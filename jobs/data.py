@@ -170,9 +170,8 @@ def main(argv: list[str]) -> dict:
     with PeakMemory() as mem:
         init_ray(cfg)
         manifest = build_records(cfg)
-        tokenizer_path = ensure_tokenizer(cfg)
-        if Path(tokenizer_path).exists() or not cfg.model.train_tokenizer:
-            manifest["tokens"], manifest["packing"] = token_counts(cfg)
+        ensure_tokenizer(cfg)
+        manifest["tokens"], manifest["packing"] = token_counts(cfg)
     manifest.update(splits=["train", "valid", "rl", "test"], max_len=cfg.seq.max_len,
                     job_seconds=round(time.time() - started, 1), peak_memory_gb=round(mem.peak_gb, 2))
     write_report(manifest, cfg.data_dir)
