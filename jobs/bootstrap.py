@@ -55,7 +55,8 @@ def main(argv: list[str]) -> dict:
     hf_text = tok.decode(hf_ids, skip_special_tokens=True)
     result = {"path": path, "parameters": count_parameters(model), "transformers_text": hf_text,
               "transformers_ids": hf_ids, "transformers_seconds": round(time.time() - started, 2)}
-    print(f"[bootstrap] transformers generate ok ({result['transformers_seconds']}s): {hf_text!r}")
+    print(f"[bootstrap] transformers generate ok ({result['transformers_seconds']}s), token ids {hf_ids[:8]}... "
+          f"(before training the text is noise: {hf_text[:24]!r})")
     if check_vllm and importlib.util.find_spec("vllm") is None:
         print("[bootstrap] WARNING: vLLM is not installed; the rollout and serving stages will fall back to "
               "transformers generation (install the cpu or gpu extra)")
@@ -64,8 +65,9 @@ def main(argv: list[str]) -> dict:
         completion = vllm_generate(path, [prompt])[0]
         result["vllm_text"], result["vllm_ids"] = completion.text, list(completion.token_ids)
         result["vllm_seconds"] = round(time.time() - started, 1)
-        print(f"[bootstrap] vLLM engine loaded and generated ({result['vllm_seconds']}s incl. start): "
-              f"{result['vllm_text']!r}")
+        same = result["vllm_ids"][:8] == hf_ids[:8]
+        print(f"[bootstrap] vLLM engine loaded and generated ({result['vllm_seconds']}s incl. start), token ids "
+              f"{result['vllm_ids'][:8]}...: {'same' if same else 'DIFFERENT'} greedy tokens as transformers")
     return result
 
 
