@@ -133,6 +133,9 @@ class TrainConfig:
     eval_rows: int = 64  # held-out sequences for the eval loss
     log_every: int = 5
     seed: int = 0
+    # Share of each task's records a causal-LM stage trains on (missing tasks: all), e.g. {kg_qa: 0.2}
+    # so the knowledge-graph QA (two thirds of the tokens) does not drown out the rest.
+    task_fractions: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
 
 
@@ -151,12 +154,15 @@ class Config:
     seq: SequenceConfig = field(default_factory=SequenceConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     # The tiny preset's values; the paper's are in presets/bloom-7b.yaml.
+    # Budgets sized so that each stage takes a few minutes on 2 CPU cores (~3.7k tokens/s).
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=2e-3, global_batch=32, micro_batch=8, max_steps=300, warmup_ratio=0.05, weight_decay=0.01,
-        checkpoint_every=50))
+        lr=3e-3, global_batch=16, micro_batch=8, max_steps=120, warmup_ratio=0.05, weight_decay=0.01,
+        eval_every=20, checkpoint_every=40, log_every=10, task_fractions={"kg_qa": 0.2}))
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=1e-3, global_batch=32, micro_batch=8, max_steps=150, lora=LoraSettings()))
-    rm: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, global_batch=32, micro_batch=8, max_steps=150))
+        lr=2e-3, global_batch=16, micro_batch=8, max_steps=60, eval_every=15, checkpoint_every=30,
+        task_fractions={"kg_qa": 0.1}, lora=LoraSettings()))
+    rm: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=3e-4, global_batch=16, micro_batch=8, max_steps=300, eval_every=50, checkpoint_every=100, log_every=10))
 
     # Derived locations: one folder per preset, one subfolder per stage.
     @property

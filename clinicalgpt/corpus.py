@@ -142,16 +142,20 @@ class ShardWriter:
 
     def write(self, table: pa.Table):
         for (split, task), part in _group(table, ("split", "task")):
-            writer, rows, shard = self.writers.get((split, task), (None, 0, -1))
-            if writer is None or rows >= self.shard_rows:
-                if writer is not None:
-                    writer.close()
-                shard += 1
-                path = self.root / split / task / f"part-{shard:05d}.parquet"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                writer, rows = pq.ParquetWriter(path, RECORD_SCHEMA), 0
-            writer.write_table(part.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA))
-            self.writers[(split, task)] = (writer, rows + part.num_rows, shard)
+            part = part.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+            while part.num_rows:
+                writer, rows, shard = self.writers.get((split, task), (None, 0, -1))
+                if writer is None or rows >= self.shard_rows:
+                    if writer is not None:
+                        writer.close()
+                    shard += 1
+                    path = self.root / split / task / f"part-{shard:05d}.parquet"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    writer, rows = pq.ParquetWriter(path, RECORD_SCHEMA), 0
+                room = self.shard_rows - rows
+                writer.write_table(part.slice(0, room))
+                self.writers[(split, task)] = (writer, rows + min(room, part.num_rows), shard)
+                part = part.slice(room)
 
     def close(self):
         for writer, _, _ in self.writers.values():
@@ -306,10 +310,10 @@ def _sum_by(counter: Counter, pos: int) -> dict:
 
 
 def read_records(cfg: Config, splits: list[str], tasks: list[str] | None = None) -> ray.data.Dataset:
-    """Stream the built records of the given splits (and tasks) as a Ray Dataset."""
+    """Stream the built records of the given splits (and tasks) as a Ray Dataset, one block per shard."""
     root = cfg.data_dir / "records"
     files = sorted(str(p) for split in splits for p in (root / split).glob("*/*.parquet")
                    if tasks is None or p.parent.name in tasks)
     if not files:
         raise FileNotFoundError(f"no records for splits={splits} tasks={tasks} under {root}: run jobs/data.py first")
-    return ray.data.read_parquet(files, schema=RECORD_SCHEMA)
+    return ray.data.read_parquet(files, schema=RECORD_SCHEMA, override_num_blocks=len(files))

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from .records import hash_fraction
+
 IGNORE = -100
 
 
@@ -116,19 +118,30 @@ class TokenizeAndPack:
         return packed
 
 
-def packed_dataset(cfg, splits: list[str], tasks: list[str], mode: str = "chat",
-                   shuffle_seed: int | None = None) -> ray.data.Dataset:
-    """A packed training stream: records of `tasks` in `splits` (file blocks in a seeded random order
-    when shuffle_seed is set), tokenized and packed by Ray Data actors (fractional CPUs, so they share
-    cores with the training workers)."""
+def keep_sampled(batch: pa.Table, fractions: dict[str, float], seed: int) -> pa.Table:
+    """Ray Data map: keep each record of task t with probability fractions[t] (default 1), by a hash of
+    its id, so a stage can rebalance a corpus dominated by one task."""
+    keep = [hash_fraction("sample", str(seed), i) < fractions.get(t, 1.0)
+            for i, t in zip(batch.column("id").to_pylist(), batch.column("task").to_pylist())]
+    return batch.filter(pa.array(keep))
+
+
+def packed_dataset(cfg, splits: list[str], tasks: list[str], mode: str = "chat", shuffle_seed: int | None = None,
+                   fractions: dict[str, float] | None = None) -> ray.data.Dataset:
+    """A packed stream: records of `tasks` in `splits`, optionally subsampled per task (`fractions`) and
+    shuffled row by row (shuffle_seed; the corpus is written grouped by task, and training on one task's
+    shard at a time would swing the loss), tokenized and packed by Ray Data actors (fractional CPUs, so
+    they share cores with the training workers)."""
     from .corpus import read_records
     records = read_records(cfg, splits, tasks)
+    if fractions:
+        records = records.map_batches(keep_sampled, batch_format="pyarrow",
+                                      fn_kwargs={"fractions": dict(fractions), "seed": cfg.data.seed})
     if shuffle_seed is not None:
-        records = records.randomize_block_order(seed=shuffle_seed)
+        records = records.random_shuffle(seed=shuffle_seed)
     return records.map_batches(
         TokenizeAndPack, fn_constructor_kwargs={"tokenizer_path": cfg.model_path,
                                                 "chat_template": cfg.model.chat_template,
                                                 "max_len": cfg.seq.max_len, "together": cfg.seq.pack,
                                                 "mode": mode},
         batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2), num_cpus=0.5)
-

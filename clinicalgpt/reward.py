@@ -2,9 +2,7 @@
 trained on pairs with the rank loss -log sigma(r(prompt, chosen) - r(prompt, rejected)).
 
 Pairs come from the preference corpora (AI-judged) and from pairs built here where the corpora hold
-ground truth, because factual errors are what a clinical reward model must catch:
-  - kg_swap: a KG answer vs. the same template filled with another disease's objects (wrong facts);
-  - exam_wrong_option: an exam answer vs. the same reply naming a wrong option.
+ground truth, because factual errors are what a clinical reward model must catch (constructed_pairs).
 """
 
 from __future__ import annotations
@@ -24,18 +22,22 @@ from .records import hash_fraction
 from .trainer import Task, apply_lora, export_hf
 
 CONSTRUCTED_TEST_FRACTION = 0.05
-# Share of KG records turned into swap pairs: ~5k of the 250k, so the AI-judged preference pairs (3.5k)
-# and the exam pairs (~9k) are not drowned out.
+# Share of KG records turned into each kind of swap pair: ~5k each of the 250k, so the AI-judged
+# preference pairs (3.5k) and the exam pairs (~9k) are not drowned out.
 KG_PAIR_FRACTION = 0.02
+# Relation kinds whose answers are estimates (cure rate, cost, duration, prevalence, insurance, yes/no):
+# another disease's value is often not wrong, so they make no factual-error pairs.
+ESTIMATE_KINDS = {"cure_rate", "cost", "treat_cycle", "prevalence", "insurance", "infectious"}
 
 
 def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: int) -> pa.Table:
-    """Ray Data map: KG and exam training records -> (prompt, chosen, rejected, source, split) pairs."""
-    rows = batch.to_pylist()
-    by_kind = defaultdict(list)
-    for r in rows:
-        if r["task"] == "kg_qa":
-            by_kind[json.loads(r["meta"])["relation"]].append(r)
+    """Ray Data map: KG and exam training records -> (prompt, chosen, rejected, source, split) pairs.
+
+    kg_swap: the same question answered with another disease's facts of the same kind (needs knowledge);
+    kg_wrong_kind: answered with facts of another kind (drugs listed as symptoms);
+    exam_wrong_option: an exam answer naming a wrong option."""
+    kg = [(r, json.loads(r["meta"])) for r in batch.to_pylist() if r["task"] == "kg_qa"]
+    kg = [(r, m) for r, m in kg if m["kind"] not in ESTIMATE_KINDS]
     out = defaultdict(list)
 
     def add(prompt, chosen, rejected, source, key):
@@ -43,22 +45,22 @@ def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: in
         for k, v in zip(("prompt", "chosen", "rejected", "source", "split"), (prompt, chosen, rejected, source, split)):
             out[k].append(v)
 
-    for group in by_kind.values():
-        for i, r in enumerate(group):
-            if hash_fraction("kg-pair", str(seed), r["id"]) >= KG_PAIR_FRACTION:
+    def kind(meta):  # an inverse question (symptom -> diseases) lists another kind of object
+        return meta["kind"], meta["relation"].startswith("inverse:")
+
+    for i, (r, meta) in enumerate(kg):
+        for source, same_kind in (("constructed/kg_swap", True), ("constructed/kg_wrong_kind", False)):
+            if hash_fraction(source, str(seed), r["id"]) >= KG_PAIR_FRACTION:
                 continue
-            meta = json.loads(r["meta"])
-            # The donor: the next record of the same relation whose objects share nothing with this one.
-            donors = [d for d in group[i + 1:] + group[:i] if not set(json.loads(d["meta"])["objects"]) & set(meta["objects"])]
-            if not donors:
+            # The donor: the next record (of the same kind, or of another) sharing no object with this one.
+            donor = next((m for _, m in kg[i + 1:] + kg[:i] if (kind(m) == kind(meta)) == same_kind
+                          and not set(m["objects"]) & set(meta["objects"])), None)
+            if donor is None:
                 continue
-            wrong = json.loads(donors[0]["meta"])["objects"]
-            inverse = meta["relation"].startswith("inverse:")
-            _, rejected, _ = render_qa(meta["kind"], meta["subject"], wrong, inverse=inverse, seed=seed,
-                                       en_fraction=kg_en_fraction, cap=cap)
-            user, chosen = r["messages"][0]["content"], r["messages"][-1]["content"]
-            add(user, chosen, rejected, "constructed/kg_swap", r["id"])
-    for r in rows:
+            _, rejected, _ = render_qa(meta["kind"], meta["subject"], donor["objects"], inverse=kind(meta)[1],
+                                       seed=seed, en_fraction=kg_en_fraction, cap=cap)
+            add(r["messages"][0]["content"], r["messages"][-1]["content"], rejected, source, r["id"])
+    for r in batch.to_pylist():
         if r["task"] != "exam":
             continue
         meta = json.loads(r["meta"])

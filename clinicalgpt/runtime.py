@@ -19,13 +19,19 @@ JOB_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     # glibc's per-thread malloc arenas keep freed memory; pooled Ray workers then hold GBs after a task.
     "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
+    # Ray Train's print patch both prints and logs each line from a worker: every progress line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
 def init_ray(cfg: Config) -> None:
     """Join the cluster at ray.address / $RAY_ADDRESS (as under `ray job submit`), else start a local one."""
     os.environ.update(JOB_ENV)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # jobs print their own progress lines
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False  # jobs print their own progress lines
+    # The V1 Parquet reader makes one read task and block per shard; Ray 2.60's V2 reader put all shards
+    # in one 270k-row block, so a stream yielded nothing until the whole corpus had been tokenized.
+    data_context.use_datasource_v2 = False
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

@@ -32,11 +32,12 @@ class CausalLMTask(Task):
         export_hf(model, cfg, out, adapter_dir=out.parent / "adapter")
 
 
-def estimated_rows(cfg: Config, splits: list[str], tasks: list[str]) -> int:
+def estimated_rows(cfg: Config, splits: list[str], tasks: list[str], fractions: dict[str, float]) -> int:
     """Packed rows of a stream, from the data manifest's token counts (for epoch-based step counts)."""
     manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
-    tokens = sum(manifest["tokens"].get(s, {}).get(t, {}).get("tokens", 0) for s in splits for t in tasks)
-    return max(1, tokens // cfg.seq.max_len)
+    tokens = sum(manifest["tokens"].get(s, {}).get(t, {}).get("tokens", 0) * fractions.get(t, 1.0)
+                 for s in splits for t in tasks)
+    return max(1, int(tokens) // cfg.seq.max_len)
 
 
 def run_causal_stage(cfg: Config, name: str, tc: TrainConfig, source: str, mode: str) -> dict:
@@ -45,9 +46,9 @@ def run_causal_stage(cfg: Config, name: str, tc: TrainConfig, source: str, mode:
     from .packing import packed_dataset
     from .trainer import fit, steps_for, summarize_history, take_rows
 
-    train = packed_dataset(cfg, ["train"], CORPUS_TASKS, mode=mode, shuffle_seed=tc.seed)
+    train = packed_dataset(cfg, ["train"], CORPUS_TASKS, mode=mode, shuffle_seed=tc.seed, fractions=tc.task_fractions)
     eval_rows = take_rows(packed_dataset(cfg, ["valid"], ["community_qa", "dialogue"], mode=mode), tc.eval_rows)
-    steps = steps_for(tc, estimated_rows(cfg, ["train"], CORPUS_TASKS))
+    steps = steps_for(tc, estimated_rows(cfg, ["train"], CORPUS_TASKS, tc.task_fractions))
     result = fit(cfg, CausalLMTask(name, source), tc, train, steps, eval_rows)
     if result.error:
         raise SystemExit(f"[{name}] training failed: {result.error}")

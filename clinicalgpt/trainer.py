@@ -128,11 +128,18 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG)
             state = json.loads((Path(d) / "trainer_state.json").read_text())
+            # ZeRO-2 shards the optimizer state by rank, so it only restores on the same number of workers;
+            # after an elastic resize the weights restore and the Adam moments start afresh.
+            same_world = state["world"] == world
+            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_only=not same_world,
+                                   load_optimizer_states=same_world, load_lr_scheduler_states=same_world)
         step, rows_seen = state["step"], state["rows_seen"]
+        if not same_world:
+            scheduler.step(step)  # the schedule goes on from the restored step
         if rank == 0:
-            print(f"[{task.name}] resumed from step {step} on {world} worker(s)", flush=True)
+            note = "" if same_world else f" (saved by {state['world']}: weights restored, optimizer state reset)"
+            print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}", flush=True)
 
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
     history = (out_dir / "history.jsonl").open("a", buffering=1) if rank == 0 else None
@@ -175,7 +182,7 @@ def train_loop(config: dict) -> None:
                 history.write(json.dumps(logged) + "\n")
             last = step >= total_steps
             if step % tc.checkpoint_every == 0 or last:
-                _save_checkpoint(engine, step, rows_seen, logged, rank)
+                _save_checkpoint(engine, {"step": step, "rows_seen": rows_seen, "world": world}, logged, rank)
             step_started = time.time()  # evaluation and checkpoints are not training time
             if last:
                 done = True
@@ -197,13 +204,13 @@ def _evaluate(engine, task: Task, rows: dict[str, torch.Tensor], micro: int) -> 
     return float(np.mean(losses))
 
 
-def _save_checkpoint(engine, step: int, rows_seen: int, logged: dict, rank: int) -> None:
+def _save_checkpoint(engine, state: dict, logged: dict, rank: int) -> None:
     """Every rank writes its ZeRO shard; Ray Train merges them into one checkpoint in storage and only
     registers it once all ranks have reported, so a crash mid-write never replaces the last good one."""
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG)
         if rank == 0:
-            (Path(d) / "trainer_state.json").write_text(json.dumps({"step": step, "rows_seen": rows_seen}))
+            (Path(d) / "trainer_state.json").write_text(json.dumps(state))
         ray.train.report(logged, checkpoint=Checkpoint.from_directory(d))
 
 

@@ -22,7 +22,7 @@ from clinicalgpt.config import load_config
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
-STAGES = ["data", "bootstrap"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm"]
 
 
 def main(argv: list[str]) -> None:
@@ -47,6 +47,11 @@ def main(argv: list[str]) -> None:
     print(f"  records: {manifest['totals']['records']:,} ({', '.join(f'{k} {v:,}' for k, v in manifest['totals']['by_task'].items())})")
     print(f"  skipped input lines: {manifest['skipped_total']:,}; see {cfg.data_dir / 'manifest.md'}")
     print(f"  base model: {cfg.model_path}")
+    for stage in ("pretrain", "sft", "rm"):
+        summary = json.loads((cfg.stage_dir(stage) / "summary.json").read_text())
+        extra = f", pairwise accuracy {summary['accuracy']:.3f}" if "accuracy" in summary else ""
+        print(f"  {stage}: {summary['steps']} steps, held-out loss {summary['first_eval_loss']:.3f} -> "
+              f"{summary['last_eval_loss']:.3f}{extra}; model {summary['model']}")
 
 
 if __name__ == "__main__":

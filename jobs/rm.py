@@ -28,7 +28,7 @@ def main(argv: list[str]) -> dict:
     init_ray(cfg)
     tc, out = cfg.rm, cfg.stage_dir("rm")
     pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
-    train = pairs.filter(lambda r: r["split"] == "train").randomize_block_order(seed=tc.seed)
+    train = pairs.filter(lambda r: r["split"] == "train").random_shuffle(seed=tc.seed)  # sources are in blocks
     test = pairs.filter(lambda r: r["split"] == "test")
     eval_rows = take_rows(tokenized_pairs(cfg, test.random_shuffle(seed=tc.seed)), tc.eval_rows)
     pad_id = load_tokenizer(cfg.model_path).pad_token_id

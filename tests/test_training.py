@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -42,23 +43,32 @@ def test_pretrain_held_out_loss_falls_then_sft_exports_lora_and_merged_models(bu
     assert (cfg.stage_dir("sft") / "tensorboard").iterdir()
 
 
-def test_rerun_after_an_interrupted_job_resumes_from_its_checkpoint(built, tmp_path):
-    cfg, _ = built
-    # A separate run folder that shares the built data and base model.
+def isolated_run(cfg, tmp_path: Path) -> Path:
+    """A separate run folder that shares the built data and base model."""
     run_root = tmp_path / "runs"
     (run_root / cfg.preset).mkdir(parents=True)
     for name in ("data", "base"):
         (run_root / cfg.preset / name).symlink_to(cfg.run_dir / name)
+    return run_root
+
+
+def wait_for_steps(path: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(1)
+    assert proc.poll() is None, "the job ended before it was interrupted"
+
+
+def test_rerun_after_an_interrupted_job_resumes_from_its_checkpoint(built, tmp_path):
+    cfg, _ = built
+    run_root = isolated_run(cfg, tmp_path)
     argv = [f"run_root={run_root}", f"data.root={cfg.data_root}"] + stage_args("pretrain", 8, checkpoint_every=2)
     job = [sys.executable, str(REPO / "jobs" / "pretrain.py"), *argv]
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own local cluster, like a user's separate run
     run = load_config(argv)
 
     proc = subprocess.Popen(job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    hist = run.stage_dir("pretrain") / "history.jsonl"
-    deadline = time.time() + 400
-    while time.time() < deadline and not (hist.exists() and len(hist.read_text().splitlines()) >= 5):
-        time.sleep(1)
+    wait_for_steps(run.stage_dir("pretrain") / "history.jsonl", 5, proc)
     proc.kill()  # interrupted mid-run, with checkpoints every 2 steps behind it
     proc.wait()
     done_before = len(history(run, "pretrain"))
@@ -69,3 +79,34 @@ def test_rerun_after_an_interrupted_job_resumes_from_its_checkpoint(built, tmp_p
     resumed_at = steps[done_before]  # the rerun's first step
     assert 1 < resumed_at <= done_before + 1 and (resumed_at - 1) % 2 == 0, steps  # right after a checkpoint
     assert steps[-1] == 8
+
+
+def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoint(built, tmp_path):
+    cfg, _ = built
+    run_root = isolated_run(cfg, tmp_path)
+    argv = [f"run_root={run_root}", f"data.root={cfg.data_root}"] + stage_args(
+        "pretrain", 8, checkpoint_every=2, min_workers=1, num_workers=2)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    run = load_config(argv)
+    log = tmp_path / "job.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pretrain.py"), *argv], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        wait_for_steps(run.stage_dir("pretrain") / "history.jsonl", 3, proc)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        workers[-1].kill()  # one rank dies mid-run; the job itself keeps going
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    steps = [h["step"] for h in history(run, "pretrain")]
+    assert steps[-1] == 8 and len(steps) > len(set(steps)), steps  # steps after the last checkpoint were redone
+    assert "resumed from step" in log.read_text()
+
+    # Elastic: the run goes on with fewer workers than saved its checkpoint (weights restore; ZeRO-2's
+    # per-rank optimizer shards cannot).
+    more = argv + ["pretrain.max_steps=10", "pretrain.num_workers=1", "pretrain.min_workers=0"]
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "pretrain.py"), *more], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from step 8 on 1 worker(s) (saved by 2" in done.stdout + done.stderr
+    assert [h["step"] for h in history(run, "pretrain")][-2:] == [9, 10]
