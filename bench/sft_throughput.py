@@ -44,7 +44,6 @@ from clinicalgpt.tokenizer import CHATML_TEMPLATE, load_tokenizer
 from clinicalgpt.trainer import apply_lora
 
 TARGET = 1.5
-ROLLING = 10  # trainer.py logs tokens_per_s over its last 10 optimizer steps (`recent`)
 
 # Our ChatML template with TRL's {% generation %} markers around each assistant turn and its end-of-turn,
 # which is where our labels are (packing.assistant_spans). It renders the same text; TRL's
@@ -74,15 +73,6 @@ def sample_chats(cfg: Config, n: int, tokenizer) -> tuple[list[list[dict]], list
     return [chats[i] for i in fits], [samples[i][1] for i in fits]
 
 
-def step_tokens(history: list[dict]) -> list[float]:
-    """Tokens of each optimizer step, recovered from the rolling tokens_per_s that the trainer logs."""
-    tokens: list[float] = []
-    for i, row in enumerate(history):
-        window = row["tokens_per_s"] * sum(r["step_seconds"] for r in history[max(0, i - ROLLING + 1):i + 1])
-        tokens.append(window - sum(tokens[-(ROLLING - 1):]))
-    return tokens
-
-
 def measure_ours(cfg: Config, source: str, warmup: int, steps: int) -> dict:
     """Our SFT stage for warmup + steps optimizer steps in a temporary run folder that shares the built
     data and base model (so the real sft outputs stay untouched)."""
@@ -100,8 +90,7 @@ def measure_ours(cfg: Config, source: str, warmup: int, steps: int) -> dict:
         history = [json.loads(x) for x in (run.stage_dir("sft") / "history.jsonl").read_text().splitlines()]
     if [r["step"] for r in history] != list(range(1, total + 1)):
         raise SystemExit(f"our run restarted mid-way (steps {[r['step'] for r in history]}); run the bench again")
-    tokens = step_tokens(history)[warmup:]
-    return result_row("ours (Ray Train + DeepSpeed, packed)", steps, sum(tokens),
+    return result_row("ours (Ray Train + DeepSpeed, packed)", steps, sum(r["tokens"] for r in history[warmup:]),
                       sum(r["step_seconds"] for r in history[warmup:]))
 
 

@@ -162,19 +162,25 @@ class RewardTask(Task):
 
 
 def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset, batch_size: int = 32) -> dict:
-    """Held-out pairwise accuracy, overall and per source (the chosen reply must score higher)."""
+    """Held-out pairwise accuracy, overall and per source (the chosen reply must score higher), beside
+    the "longer reply wins" baseline (ties count half), the shortcut an AI-judged corpus invites."""
     from transformers import AutoModelForSequenceClassification
     from .tokenizer import load_tokenizer
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     pad = load_tokenizer(model_dir).pad_token_id
-    correct, per_source = [], defaultdict(list)
+    per_source = defaultdict(lambda: ([], []))  # source -> (model correct, length baseline correct)
     with torch.no_grad():
         for batch in tokenized_pairs(cfg, test_pairs).iter_batches(batch_size=batch_size, batch_format="numpy"):
             n = len(batch["chosen_ids"])
             ids = torch.as_tensor(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]]))
             r = scores(model, ids, pad)
-            for source, ok in zip(batch["source"], (r[:n] > r[n:]).tolist()):
-                correct.append(ok)
-                per_source[source].append(ok)
-    return {"overall": float(np.mean(correct)), "pairs": len(correct),
-            "per_source": {s: {"accuracy": float(np.mean(v)), "pairs": len(v)} for s, v in sorted(per_source.items())}}
+            lengths = (ids != pad).sum(1)
+            longer = (torch.sign(lengths[:n] - lengths[n:]) + 1) / 2
+            for source, ok, base in zip(batch["source"], (r[:n] > r[n:]).tolist(), longer.tolist()):
+                per_source[source][0].append(ok)
+                per_source[source][1].append(base)
+    everything = [sum((v[i] for v in per_source.values()), []) for i in (0, 1)]
+    return {"overall": float(np.mean(everything[0])), "length_baseline": float(np.mean(everything[1])),
+            "pairs": len(everything[0]),
+            "per_source": {s: {"accuracy": float(np.mean(ok)), "length_baseline": float(np.mean(base)),
+                               "pairs": len(ok)} for s, (ok, base) in sorted(per_source.items())}}

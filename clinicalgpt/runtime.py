@@ -40,7 +40,9 @@ def init_ray(cfg: Config) -> None:
     else:
         # Logical CPUs beyond the cores: training workers and the Ray Data tasks that feed them must all
         # be scheduled at once (they wait on each other), even on a 2-core machine.
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), runtime_env={"env_vars": JOB_ENV})
+        # address="local": never attach to a cluster that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                 runtime_env={"env_vars": JOB_ENV})
 
 
 class PeakMemory:

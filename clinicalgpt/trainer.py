@@ -171,7 +171,7 @@ def train_loop(config: dict) -> None:
             now = time.time()
             recent = (recent + [(tokens, now - step_started)])[-10:]
             logged = {"step": step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
-                      "lr": scheduler.get_last_lr()[0], "step_seconds": now - step_started,
+                      "lr": scheduler.get_last_lr()[0], "step_seconds": now - step_started, "tokens": tokens,
                       "tokens_per_s": sum(t for t, _ in recent) / max(sum(s for _, s in recent), 1e-9)}
             window, tokens = [], 0
             if eval_batch is not None and (step % tc.eval_every == 0 or step == total_steps or step == 1):
@@ -246,6 +246,13 @@ def fit(cfg: Config, task: Task, tc: TrainConfig, train_ds: ray.data.Dataset, to
     out_dir = cfg.stage_dir(task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = (tc.min_workers, tc.num_workers) if tc.min_workers else tc.num_workers
+    # The workers wait on Ray Data's read and shuffle tasks (1 CPU each) and tokenizer actors (0.5):
+    # without room for them beside the workers, the job would hang rather than fail.
+    cpus, need = ray.cluster_resources().get("CPU", 0), (tc.min_workers or tc.num_workers) * tc.cpus_per_worker + 1.5
+    if cpus < need:
+        raise SystemExit(f"the Ray cluster has {cpus:g} CPUs; {task.name} needs {need:g} (its workers plus 1.5 "
+                         "for the data stream): start it with more, e.g. `ray start --head --num-cpus=4` "
+                         "(logical CPUs may exceed the cores)")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "train_config": tc, "task": task, "total_steps": total_steps,

@@ -39,9 +39,11 @@ def main(argv: list[str]) -> dict:
 
     accuracy = pairwise_accuracy(cfg, str(out / "final"), test)
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))
-    lines = ["# Reward model: held-out pairwise accuracy", "", "| source | pairs | accuracy |", "|---|---|---|"]
-    lines += [f"| {s} | {v['pairs']} | {v['accuracy']:.3f} |" for s, v in accuracy["per_source"].items()]
-    lines += [f"| **overall** | {accuracy['pairs']} | **{accuracy['overall']:.3f}** |"]
+    lines = ["# Reward model: held-out pairwise accuracy", "",
+             "| source | pairs | accuracy | longer-reply baseline |", "|---|---|---|---|"]
+    lines += [f"| {s} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} |"
+              for s, v in accuracy["per_source"].items()]
+    lines += [f"| **overall** | {accuracy['pairs']} | **{accuracy['overall']:.3f}** | {accuracy['length_baseline']:.3f} |"]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     summary = {**summarize_history(out / "history.jsonl"), "accuracy": accuracy["overall"], "model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

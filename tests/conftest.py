@@ -26,7 +26,7 @@ def ray_session():
     """One local Ray instance for the whole session; shut down (not `ray stop`) at the end."""
     import ray
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as init_ray: logical > cores
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # as init_ray
     yield ray
     ray.shutdown()
 

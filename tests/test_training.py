@@ -1,8 +1,11 @@
 """Training stages on Ray Train + DeepSpeed ZeRO-2 with the real corpora: held-out losses fall, the
-exports load in Hugging Face format, and a rerun after an interrupted job resumes instead of restarting."""
+exports load in Hugging Face format, a rerun after an interrupted job resumes instead of restarting, a
+killed worker is replaced, and a stage runs under `ray job submit`."""
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from clinicalgpt.config import load_config
 
@@ -28,8 +31,8 @@ def history(cfg, stage: str) -> list[dict]:
     return [json.loads(x) for x in (cfg.stage_dir(stage) / "history.jsonl").read_text().splitlines()]
 
 
-def test_pretrain_held_out_loss_falls_then_sft_exports_lora_and_merged_models(built):
-    from jobs import pretrain, sft
+def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(built):
+    from jobs import pretrain, rm, sft
     cfg, _ = built
     argv = [f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}"]
     pt = pretrain.main(argv + stage_args("pretrain", 16, lr=3e-3))
@@ -41,6 +44,17 @@ def test_pretrain_held_out_loss_falls_then_sft_exports_lora_and_merged_models(bu
     merged = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft") / "final")  # merged: no LoRA layers
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert (cfg.stage_dir("sft") / "tensorboard").iterdir()
+
+    summary = rm.main(argv + stage_args("rm", 4))
+    accuracy = json.loads((cfg.stage_dir("rm") / "accuracy.json").read_text())
+    assert accuracy["overall"] == summary["accuracy"] and accuracy["pairs"] > 500
+    # Held-out pairs of every kind: the constructed factual errors and the preference corpora's subsets.
+    assert {"constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option",
+            "pulse_eval/WebMedQA"} <= set(accuracy["per_source"])
+    assert sum(v["pairs"] for v in accuracy["per_source"].values()) == accuracy["pairs"]
+    assert "longer-reply baseline" in (cfg.stage_dir("rm") / "accuracy.md").read_text()
+    scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
+    assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
 
 
 def isolated_run(cfg, tmp_path: Path) -> Path:
@@ -110,3 +124,49 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from step 8 on 1 worker(s) (saved by 2" in done.stdout + done.stderr
     assert [h["step"] for h in history(run, "pretrain")][-2:] == [9, 10]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A cluster started the way a user starts one (`ray start --head`), stopped through its own process
+    (SIGINT to `--block` shuts down what it started; never `ray stop`): (dashboard url, env)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, agent, metrics = free_ports(4)
+    with (tmp_path / "head.log").open("w") as log:
+        head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                                 f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+                                 "--num-cpus=4", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield ray_cli, f"http://127.0.0.1:{dashboard}", env
+    head.send_signal(signal.SIGINT)
+    head.wait(timeout=120)
+
+
+def test_a_stage_runs_under_ray_job_submit(built, tmp_path, ray_head):
+    cfg, _ = built
+    ray_cli, url, env = ray_head
+    run_root = isolated_run(cfg, tmp_path)
+    submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+              "python", "jobs/pretrain.py", f"run_root={run_root}", f"data.root={cfg.data_root}",
+              *stage_args("pretrain", 2)]
+    deadline = time.time() + 180
+    while True:  # the head takes a while to accept jobs: retry until one is submitted (then never again)
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, cwd=tmp_path)
+        out = done.stdout + done.stderr
+        if "raysubmit_" in out or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert "succeeded" in out, out[-3000:]
+    assert [h["step"] for h in history(load_config([f"run_root={run_root}"]), "pretrain")] == [1, 2]
+    assert (run_root / cfg.preset / "pretrain" / "final" / "config.json").exists()
