@@ -119,7 +119,7 @@ def measure_trl(cfg: Config, source: str, chats: list[list[dict]], labels: list[
             max_length=cfg.seq.max_len, assistant_only_loss=True, packing=packing,
             gradient_checkpointing=False, bf16=tc.bf16,  # TRL defaults True for both; ours uses neither
             include_num_input_tokens_seen="non_padding", save_strategy="no", report_to="none", disable_tqdm=True)
-        trainer = SFTTrainer(model=apply_lora(load_model(source, cfg.model.dtype), tc), args=args,
+        trainer = SFTTrainer(model=apply_lora(load_model(source, cfg.model.dtype), tc.lora), args=args,
                              train_dataset=Dataset.from_list([{"messages": c} for c in chats]),
                              processing_class=tokenizer, callbacks=[clock])
         if not packing and trainer.train_dataset["labels"] != labels:

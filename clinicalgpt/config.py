@@ -140,6 +140,61 @@ class TrainConfig:
 
 
 @dataclass
+class RoleConfig:
+    """Resources of one RLHF role: how many actors, and CPUs / GPUs each (fractions let roles share a
+    GPU: colocation is a config change). Each role gets its own placement group."""
+
+    num: int = 1
+    cpus: float = 0.5
+    gpus: float = 0.0
+
+
+@dataclass
+class PPOConfig:
+    """PPO (and its critic-free variants) with Ray actor roles; see jobs/ppo.py."""
+
+    steps: int = 30
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    prompt_tasks: list[str] = field(default_factory=lambda: ["community_qa", "dialogue"])
+    max_prompt_len: int = 256  # prompt tokens; longer prompts are skipped (counted)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = "model"  # model | length:<tokens> | contains:<text> (verifiable rules, see actors/reward.py)
+    advantage: str = "gae"  # gae (with a critic) | grpo | rloo (critic-free, over the samples of a prompt)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_estimator: str = "k1"  # k1 | k2 | k3
+    kl_controller: str = "fixed"  # fixed | adaptive (Ziegler et al.)
+    kl_coef: float = 0.05
+    kl_target: float = 6.0  # adaptive: the KL (summed over a response) it steers to
+    kl_horizon: int = 10000
+    epochs: int = 2  # PPO epochs over each batch of experience
+    minibatch: int = 16  # responses per optimizer step, over all learner ranks
+    lr: float = 5e-4  # the tiny model's LoRA; the 7B presets use the paper's 1e-5
+    critic_lr: float = 5e-5
+    clip: float = 0.2
+    value_clip: float = 0.2
+    grad_clip: float = 1.0
+    bf16: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    rollout: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=1.0))
+    reference: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=0.25))
+    reward_model: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=0.25))
+    learner: RoleConfig = field(default_factory=lambda: RoleConfig(num=2))
+    # vLLM's gpu_memory_utilization: the share of a GPU's memory for weights and KV cache; on CPU the share
+    # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
+    rollout_memory_fraction: float = 0.2
+    checkpoint_every: int = 10
+    eval_every: int = 10
+    eval_prompts: int = 32  # held-out prompts (valid split) answered greedily for the held-out reward
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS, else a local cluster started for the job
     num_cpus: int = 0  # logical CPUs of a local cluster; 0 = max(4, cores)
@@ -163,6 +218,7 @@ class Config:
         task_fractions={"kg_qa": 0.1}, lora=LoraSettings()))
     rm: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-4, global_batch=16, micro_batch=8, max_steps=300, eval_every=50, checkpoint_every=100, log_every=10))
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     # Derived locations: one folder per preset, one subfolder per stage.
     @property

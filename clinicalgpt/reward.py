@@ -147,7 +147,7 @@ class RewardTask(Task):
         from transformers import AutoModelForSequenceClassification
         model = AutoModelForSequenceClassification.from_pretrained(self.source, num_labels=1)
         model.config.pad_token_id = self.pad_id
-        return apply_lora(model, tc, task_type="SEQ_CLS")
+        return apply_lora(model, tc.lora, task_type="SEQ_CLS")
 
     def loss(self, model, batch):
         n = len(batch["chosen_ids"])

@@ -23,7 +23,7 @@ class CausalLMTask(Task):
         self.name, self.source = name, source
 
     def build_model(self, cfg: Config, tc: TrainConfig) -> torch.nn.Module:
-        return apply_lora(load_model(self.source, cfg.model.dtype), tc)
+        return apply_lora(load_model(self.source, cfg.model.dtype), tc.lora)
 
     def loss(self, model, batch):
         return causal_lm_loss(model, batch)

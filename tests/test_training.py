@@ -4,8 +4,6 @@ killed worker is replaced, and a stage runs under `ray job submit`."""
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,36 +14,22 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from clinicalgpt.config import load_config
+from conftest import history, isolated_run, stage_args
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["global_batch=16", "micro_batch=8", "eval_rows=32", "log_every=2"]
-
-
-def stage_args(stage: str, steps: int, **extra) -> list[str]:
-    extra = {"max_steps": steps, "eval_every": max(1, steps // 2), "checkpoint_every": steps, **extra}
-    return [f"{stage}.{a}" for a in SHORT] + [f"{stage}.{k}={v}" for k, v in extra.items()]
-
-
-def history(cfg, stage: str) -> list[dict]:
-    return [json.loads(x) for x in (cfg.stage_dir(stage) / "history.jsonl").read_text().splitlines()]
-
-
-def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(built):
-    from jobs import pretrain, rm, sft
-    cfg, _ = built
-    argv = [f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}"]
-    pt = pretrain.main(argv + stage_args("pretrain", 16, lr=3e-3))
+def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
+    cfg, summaries = trained
+    pt = summaries["pretrain"]
     assert pt["last_eval_loss"] < pt["first_eval_loss"] - 1.0, pt
     assert AutoModelForCausalLM.from_pretrained(pt["model"])  # exported in HF format
 
-    sft.main(argv + stage_args("sft", 2))
     assert (cfg.stage_dir("sft") / "adapter" / "adapter_config.json").exists()  # the LoRA adapter
     merged = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft") / "final")  # merged: no LoRA layers
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert (cfg.stage_dir("sft") / "tensorboard").iterdir()
 
-    summary = rm.main(argv + stage_args("rm", 4))
+    summary = summaries["rm"]
     accuracy = json.loads((cfg.stage_dir("rm") / "accuracy.json").read_text())
     assert accuracy["overall"] == summary["accuracy"] and accuracy["pairs"] > 500
     # Held-out pairs of every kind: the constructed factual errors and the preference corpora's subsets.
@@ -55,15 +39,6 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(built):
     assert "longer-reply baseline" in (cfg.stage_dir("rm") / "accuracy.md").read_text()
     scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
-
-
-def isolated_run(cfg, tmp_path: Path) -> Path:
-    """A separate run folder that shares the built data and base model."""
-    run_root = tmp_path / "runs"
-    (run_root / cfg.preset).mkdir(parents=True)
-    for name in ("data", "base"):
-        (run_root / cfg.preset / name).symlink_to(cfg.run_dir / name)
-    return run_root
 
 
 def wait_for_steps(path: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
@@ -124,33 +99,6 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from step 8 on 1 worker(s) (saved by 2" in done.stdout + done.stderr
     assert [h["step"] for h in history(run, "pretrain")][-2:] == [9, 10]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A cluster started the way a user starts one (`ray start --head`), stopped through its own process
-    (SIGINT to `--block` shuts down what it started; never `ray stop`): (dashboard url, env)."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard, agent, metrics = free_ports(4)
-    with (tmp_path / "head.log").open("w") as log:
-        head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                                 f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
-                                 "--num-cpus=4", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield ray_cli, f"http://127.0.0.1:{dashboard}", env
-    head.send_signal(signal.SIGINT)
-    head.wait(timeout=120)
 
 
 def test_a_stage_runs_under_ray_job_submit(built, tmp_path, ray_head):

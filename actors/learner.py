@@ -1,0 +1,160 @@
+"""LearnerGroup: W ranks that train the policy (LoRA by default) and the critic with DeepSpeed ZeRO-2,
+connected by torch.distributed (gloo on CPU, NCCL on GPU). The controller hands each rank its share
+of the experience; DeepSpeed averages the gradients across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from clinicalgpt import rl
+from clinicalgpt.config import Config
+from clinicalgpt.experience import response_logprobs, token_values
+from clinicalgpt.trainer import apply_lora, export_hf, zero2_config
+
+CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights under Hugging Face names with the LoRA deltas added, computed without
+    touching the model (merging and unmerging in place would drift in bf16)."""
+    if not hasattr(model, "get_base_model"):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+    base = model.get_base_model()
+    state = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    state[f"{name}.weight"] += module.get_delta_weight(adapter).to(state[f"{name}.weight"].dtype)
+    return state
+
+
+@ray.remote
+class LearnerRank:
+    def __init__(self, cfg: Config, rank: int, world: int):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master: tuple[str, int], policy_path: str, critic_path: str | None) -> None:
+        """Join the process group, then build the DeepSpeed engines (policy, and critic unless critic-free)."""
+        import deepspeed
+        from transformers import AutoModelForSequenceClassification
+        from clinicalgpt.modeling import DTYPES, load_model
+        os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
+                           "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0"})
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        pc = self.cfg.ppo
+        micro = pc.minibatch // self.world
+        torch.manual_seed(pc.seed)
+        policy = apply_lora(load_model(policy_path, self.cfg.model.dtype), pc.lora)
+        self.policy, *_ = deepspeed.initialize(
+            model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
+            config=zero2_config(micro, 1, pc.lr, 0.0, pc.grad_clip, pc.bf16))
+        self.critic = None
+        if critic_path:
+            critic = AutoModelForSequenceClassification.from_pretrained(
+                critic_path, num_labels=1, dtype=DTYPES[self.cfg.model.dtype])
+            critic.config.pad_token_id = policy.config.pad_token_id
+            critic = apply_lora(critic, pc.lora, task_type="SEQ_CLS")
+            self.critic, *_ = deepspeed.initialize(
+                model=critic, model_parameters=[p for p in critic.parameters() if p.requires_grad],
+                config=zero2_config(micro, 1, pc.critic_lr, 0.0, pc.grad_clip, pc.bf16))
+        # Dropout off throughout: the PPO ratio must be exactly 1 before the first update.
+        self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
+
+    def evaluate(self, batch: dict) -> dict[str, np.ndarray]:
+        """The rollout policy's own log-probs (and the critic's values) of this rank's share."""
+        with torch.no_grad():
+            out = {"logprobs": response_logprobs(self.policy, batch, self.device).cpu().numpy()}
+            if self.critic is not None:
+                out["values"] = token_values(self.critic, batch, self.device).cpu().numpy()
+        return out
+
+    def train(self, batch: dict, step: int) -> dict[str, float]:
+        """PPO epochs over minibatches of this rank's share (every rank takes the same number of steps)."""
+        pc = self.cfg.ppo
+        micro = pc.minibatch // self.world
+        rows = len(batch["input_ids"])
+        t = {k: torch.as_tensor(batch[k], device=self.device)
+             for k in ("response_mask", "old_logprobs", "advantages", "old_values", "returns") if k in batch}
+        stats: dict[str, list[float]] = {}
+        rng = np.random.default_rng([pc.seed, step, self.rank])
+        for _ in range(pc.epochs):
+            order = rng.permutation(rows)
+            for start in range(0, rows - micro + 1, micro):
+                idx = np.sort(order[start:start + micro])
+                sub = {k: v[idx] if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+                mask = t["response_mask"][idx]
+                logp, entropy = response_logprobs(self.policy, sub, self.device, with_entropy=True)
+                loss, s = rl.policy_loss(logp, t["old_logprobs"][idx], t["advantages"][idx], mask, pc.clip)
+                self.policy.backward(loss)
+                self.policy.step()
+                s.update(policy_loss=loss.item(), entropy=float(rl.masked_mean(entropy.detach(), mask)))
+                if self.critic is not None:
+                    values = token_values(self.critic, sub, self.device)
+                    vloss = rl.value_loss(values, t["old_values"][idx], t["returns"][idx], mask, pc.value_clip)
+                    self.critic.backward(vloss)
+                    self.critic.step()
+                    s["value_loss"] = vloss.item()
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(v)
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """Merged policy weights for the rollout engines (every rank holds them whole under ZeRO-2)."""
+        return {k: v.float().cpu() if self.cfg.model.dtype == "float32" else v.cpu()
+                for k, v in merged_state_dict(self.policy.module).items()}
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """transformers greedy decoding of the current policy (to check the rollout engines against)."""
+        ids = torch.tensor([prompt], device=self.device)
+        with torch.no_grad():
+            out = self.policy.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=max_new_tokens)
+        return out[0, len(prompt):].tolist()
+
+    def save(self, folder: str) -> None:
+        self.policy.save_checkpoint(str(Path(folder) / "policy"), tag=CKPT_TAG)
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(Path(folder) / "critic"), tag=CKPT_TAG)
+
+    def load(self, folder: str) -> None:
+        self.policy.load_checkpoint(str(Path(folder) / "policy"), tag=CKPT_TAG)
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(Path(folder) / "critic"), tag=CKPT_TAG)
+
+    def export(self, out: str) -> None:
+        """The final policy in Hugging Face format: merged weights in out, the LoRA adapter beside it."""
+        if self.rank == 0:
+            export_hf(self.policy.module, self.cfg, Path(out), adapter_dir=Path(out).parent / "adapter")
+
+
+class LearnerGroup:
+    """W LearnerRank actors in one placement group, set up as one torch.distributed world."""
+
+    def __init__(self, cfg: Config, policy_path: str, critic_path: str | None):
+        from actors.placement import role_actors
+        self.ranks, self.group = role_actors(LearnerRank, cfg.ppo.learner, "learner",
+                                 lambda i: (cfg, i, cfg.ppo.learner.num))
+        master = ray.get(self.ranks[0].address.remote())
+        ray.get([r.setup.remote(master, policy_path, critic_path) for r in self.ranks])
+
+    def call(self, method: str, *args) -> list:
+        """The same call on every rank (collective methods: save, load, export)."""
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])

@@ -1,0 +1,21 @@
+"""ReferenceActor: the frozen SFT policy; log-probs of the response tokens, for the KL penalty."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from clinicalgpt.experience import response_logprobs
+
+
+@ray.remote
+class ReferenceActor:
+    def __init__(self, model_path: str, dtype: str = "float32"):
+        from clinicalgpt.modeling import load_model
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_path, dtype).to(self.device).eval()
+
+    def logprobs(self, batch: dict) -> np.ndarray:
+        with torch.no_grad():
+            return response_logprobs(self.model, batch, self.device).cpu().numpy()

