@@ -66,8 +66,10 @@ class LearnerRank:
             config=zero2_config(micro, 1, pc.lr, 0.0, pc.grad_clip, pc.bf16))
         self.critic = None
         if critic_path:
-            critic = AutoModelForSequenceClassification.from_pretrained(
-                critic_path, num_labels=1, dtype=DTYPES[self.cfg.model.dtype])
+            critic, info = AutoModelForSequenceClassification.from_pretrained(
+                critic_path, num_labels=1, dtype=DTYPES[self.cfg.model.dtype], output_loading_info=True)
+            if info["missing_keys"]:  # a new head (no reward model): values start at 0, not at noise
+                torch.nn.init.zeros_(critic.score.weight)
             critic.config.pad_token_id = policy.config.pad_token_id
             critic = apply_lora(critic, pc.lora, task_type="SEQ_CLS")
             self.critic, *_ = deepspeed.initialize(

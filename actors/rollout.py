@@ -50,12 +50,13 @@ class RolloutActor:
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[dict]:
         """n samples per prompt, in prompt order (prompt 0's n samples first): response token ids and
-        the engine's log-prob of each sampled token. temperature 0 is greedy."""
+        the engine's log-prob of each sampled token. temperature 0 is greedy. Prompt i samples with seed
+        seed + i: one seed for all would give every prompt the same random draws."""
         if not self.uses_vllm:
             return self._generate_transformers(prompts, n, max_new_tokens, temperature, top_p, seed)
         from vllm import SamplingParams
-        params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                logprobs=0)
+        params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                                 seed=None if seed is None else seed + i) for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         samples = []
         for out in outputs:

@@ -63,9 +63,11 @@ class TokenizePrompts:
 
 def prompt_dataset(cfg: Config, split: str) -> ray.data.Dataset:
     from clinicalgpt.corpus import read_records
-    return read_records(cfg, [split], list(cfg.ppo.prompt_tasks)).map_batches(
+    ds = read_records(cfg, [split], list(cfg.ppo.prompt_tasks)).map_batches(
         TokenizePrompts, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template},
         batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=0.5)
+    ds.context.execution_options.preserve_order = True  # the same order every run: resumable, comparable
+    return ds
 
 
 class PromptStream:
@@ -147,7 +149,7 @@ def generate(roles: Roles, prompts: list[list[int]], n: int, cfg: Config, seed: 
     pc = cfg.ppo
     chunks = np.array_split(np.arange(len(prompts)), len(roles.rollout))
     refs = [a.generate.remote([prompts[i] for i in c], n, pc.max_new_tokens, 0.0 if greedy else pc.temperature,
-                              pc.top_p, seed) for a, c in zip(roles.rollout, chunks) if len(c)]
+                              pc.top_p, seed + int(c[0])) for a, c in zip(roles.rollout, chunks) if len(c)]
     samples = [s for part in ray.get(refs) for s in part]
     batch = build_batch([p for p in prompts for _ in range(n)], [s["ids"] for s in samples], roles.pad_id)
     engine_logprobs = np.zeros_like(batch["response_mask"])
@@ -188,7 +190,7 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
     """One iteration: generate, score, advantages, PPO epochs on the learners, weight push. Its metrics."""
     pc = cfg.ppo
     t0 = time.time()
-    batch, engine_logprobs = generate(roles, prompts, pc.samples_per_prompt, cfg, seed=pc.seed * 100003 + step)
+    batch, engine_logprobs = generate(roles, prompts, pc.samples_per_prompt, cfg, seed=(pc.seed * 100003 + step) * 10007)
     t1 = time.time()
     scored = score(roles, batch)
     mask = torch.as_tensor(batch["response_mask"])
@@ -278,7 +280,6 @@ def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
 def main(argv: list[str]) -> dict:
     cfg = load_config(argv)
     init_ray(cfg)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # a resumable prompt order
     policy, reward_model, critic = check_inputs(cfg)
     pc, out = cfg.ppo, cfg.stage_dir("ppo")
     ckpt_dir = out / "checkpoints"

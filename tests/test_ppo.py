@@ -16,25 +16,26 @@ from clinicalgpt.config import load_config
 from conftest import REPO, history, isolated_run
 
 pytestmark = pytest.mark.slow
-# Small steps: 8 prompts x 4 samples, responses up to 24 tokens; the rule rewards a 6-token answer.
+# Small steps: 8 prompts x 4 samples, responses up to 24 tokens; the rule rewards a 6-token answer. The
+# session's SFT model is barely trained (near-uniform next-token distributions), hence the high lr.
 SMALL = ["ppo.prompts_per_step=8", "ppo.samples_per_prompt=4", "ppo.minibatch=16", "ppo.max_new_tokens=24",
-         "ppo.eval_prompts=8", "ppo.reward=length:6"]
+         "ppo.eval_prompts=8", "ppo.reward=length:6", "ppo.lr=2e-3"]
 
 
 def ppo_args(run_root: Path, cfg, steps: int, *extra: str) -> list[str]:
-    return [f"run_root={run_root}", f"data.root={cfg.data_root}", f"ppo.steps={steps}", "ppo.eval_every=5",
-            "ppo.checkpoint_every=5", *SMALL, *extra]
+    return [f"run_root={run_root}", f"data.root={cfg.data_root}", f"ppo.steps={steps}", "ppo.eval_every=10",
+            "ppo.checkpoint_every=10", *SMALL, *extra]
 
 
 def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tmp_path):
     from jobs import ppo
     cfg, _ = trained
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft"))
-    summary = ppo.main(ppo_args(run_root, cfg, 10))
+    summary = ppo.main(ppo_args(run_root, cfg, 20))
     run = load_config([f"run_root={run_root}"])
     rows = [r for r in history(run, "ppo") if "reward" in r]
-    rewards = [r["reward"] for r in rows]
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
+    rewards = [r["reward"] for r in rows]  # measured: first five -2.18, last five -1.67 (noisy: 32 samples a step)
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.25, rewards
     assert summary["last_eval_reward"] > summary["first_eval_reward"], summary  # held-out prompts, greedy
     assert max(r["kl"] for r in rows) < 15, [r["kl"] for r in rows]  # the KL penalty keeps it near the SFT model
     assert all(r["engine_logprob_gap"] < 1e-3 for r in rows), [r["engine_logprob_gap"] for r in rows]
@@ -42,10 +43,10 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tm
     assert AutoModelForCausalLM.from_pretrained(summary["model"])  # the merged policy, HF format
     assert (run.stage_dir("ppo") / "adapter" / "adapter_config.json").exists()
 
-    # A rerun with a larger budget resumes from the step-10 checkpoint instead of starting over.
-    ppo.main(ppo_args(run_root, cfg, 12))
+    # A rerun with a larger budget resumes from the step-20 checkpoint instead of starting over.
+    ppo.main(ppo_args(run_root, cfg, 22))
     steps = [r["step"] for r in history(run, "ppo") if "reward" in r]
-    assert steps == list(range(1, 13)), steps
+    assert steps == list(range(1, 23)), steps
 
 
 def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
@@ -59,8 +60,7 @@ def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
 def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained):
     from jobs import ppo
     cfg, _ = trained
-    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL,
-                       "ppo.advantage=grpo", "ppo.lr=2e-3"])
+    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL, "ppo.advantage=grpo"])
     policy = str(cfg.stage_dir("sft") / "final")
     roles = ppo.start_roles(cfg, policy, policy, critic=None)
     stream = ppo.PromptStream(cfg)
