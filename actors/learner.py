@@ -16,9 +16,7 @@ import torch
 from clinicalgpt import rl
 from clinicalgpt.config import Config
 from clinicalgpt.experience import response_logprobs, token_values
-from clinicalgpt.trainer import apply_lora, export_hf, zero2_config
-
-CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
+from clinicalgpt.trainer import CKPT_TAG, apply_lora, export_hf, zero2_config
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -120,8 +118,7 @@ class LearnerRank:
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """Merged policy weights for the rollout engines (every rank holds them whole under ZeRO-2)."""
-        return {k: v.float().cpu() if self.cfg.model.dtype == "float32" else v.cpu()
-                for k, v in merged_state_dict(self.policy.module).items()}
+        return {k: v.cpu() for k, v in merged_state_dict(self.policy.module).items()}
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """transformers greedy decoding of the current policy (to check the rollout engines against)."""
