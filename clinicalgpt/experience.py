@@ -38,11 +38,6 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def concat_batches(batches: list[dict]) -> dict:
-    return {k: np.concatenate([b[k] for b in batches]) if isinstance(batches[0][k], np.ndarray) else batches[0][k]
-            for k in batches[0]}
-
-
 def model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """input_ids, attention_mask and position_ids (counting only real tokens, as in generation)."""
     ids = torch.as_tensor(batch["input_ids"], device=device)

@@ -38,7 +38,7 @@ from actors.reward import RewardActor, parse_reward
 from actors.rollout import RolloutActor
 from clinicalgpt import rl
 from clinicalgpt.config import Config, load_config
-from clinicalgpt.experience import build_batch, concat_batches, split_batch
+from clinicalgpt.experience import build_batch, split_batch
 from clinicalgpt.runtime import init_ray
 from clinicalgpt.tokenizer import load_tokenizer
 
@@ -134,7 +134,8 @@ def start_roles(cfg: Config, policy: str, reward_model: str, critic: str | None)
         policy, max_len, pc.seed + i, pc.rollout_memory_fraction, cfg.model.dtype))
     reference, g2 = role_actors(ReferenceActor, pc.reference, "reference", lambda i: (policy, cfg.model.dtype))
     reward, g3 = role_actors(RewardActor, pc.reward_model, "reward", lambda i: (pc.reward, reward_model, cfg.model.dtype))
-    learners = LearnerGroup(cfg, policy, critic)
+    learners = LearnerGroup(cfg, policy, critic)  # the other roles start meanwhile
+    ray.get([a.__ray_ready__.remote() for a in rollout + reference + reward])  # a role that fails to start fails here
     return Roles(rollout, reference, reward, learners, [g1, g2, g3, learners.group],
                  load_tokenizer(policy).pad_token_id)
 
