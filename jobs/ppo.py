@@ -252,7 +252,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
     """(policy, reward model, critic) paths, or a message saying what to run first."""
     pc = cfg.ppo
-    kind, _ = parse_reward(pc.reward)
+    try:
+        kind, _ = parse_reward(pc.reward)
+        rl.kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if pc.kl_estimator not in rl.KL_ESTIMATORS:
+        raise SystemExit(f"ppo.kl_estimator={pc.kl_estimator!r}: one of {', '.join(rl.KL_ESTIMATORS)}")
     policy, rm = cfg.stage_dir("sft") / "final", cfg.stage_dir("rm") / "final"
     if not (policy / "config.json").exists():
         raise SystemExit(f"no SFT model at {policy}: run the earlier stages first "

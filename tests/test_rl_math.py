@@ -106,3 +106,17 @@ def test_kl_controllers():
 def test_entropy_from_logits():
     close(rl.entropy_from_logits(torch.zeros(2, 4)), [math.log(4)] * 2)
     close(rl.entropy_from_logits(T([[0.0, -1e9]])), [0.0])
+
+
+@pytest.mark.parametrize("bad, message", [("ppo.reward=lengthx", "expected model"),
+                                          ("ppo.kl_estimator=k9", "one of k1, k2, k3"),
+                                          ("ppo.kl_controller=nope", "unknown KL controller"),
+                                          ("ppo.advantage=a2c", "one of gae, grpo, rloo")])
+def test_bad_rl_settings_are_refused_before_anything_starts(tmp_path, bad, message):
+    from clinicalgpt.config import load_config
+    from jobs.ppo import check_inputs
+    sft = tmp_path / "tiny" / "sft" / "final"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=message):
+        check_inputs(load_config([f"run_root={tmp_path}", "ppo.reward=length:8", bad]))
