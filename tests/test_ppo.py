@@ -13,6 +13,7 @@ import ray
 from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
+from clinicalgpt.experience import build_batch
 from conftest import REPO, history, isolated_run
 
 pytestmark = pytest.mark.slow
@@ -64,17 +65,20 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained
     policy = str(cfg.stage_dir("sft") / "final")
     roles = ppo.start_roles(cfg, policy, policy, critic=None)
     stream = ppo.PromptStream(cfg)
+    learner = roles.learners.ranks[0]
     try:
         prompts = stream.take(cfg.ppo.prompts_per_step)
-        before = [ray.get(roles.learners.ranks[0].greedy.remote(p, 24)) for p in prompts[:4]]
+        probe = build_batch(prompts[:4], [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]], roles.pad_id)
+        before = ray.get(learner.evaluate.remote(probe))["logprobs"]
         first = ppo.ppo_step(cfg, roles, prompts, 0.05, 0)  # trains, then pushes the new weights
         second = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
-        after = [ray.get(roles.learners.ranks[0].greedy.remote(p, 24)) for p in prompts[:4]]
+        moved = np.abs(ray.get(learner.evaluate.remote(probe))["logprobs"] - before)[probe["response_mask"] > 0].max()
+        after = [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]]
         engine = [s["ids"] for p in prompts[:4] for s in ray.get(roles.rollout[0].generate.remote([p], 1, 24, 0.0))]
     finally:
         stream.close()
         roles.shutdown()
-    assert after != before  # the policy did change
+    assert moved > 1e-3  # the policy did change (its greedy text may not, on a barely-trained model)
     assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
     # Sampled tokens scored by the engine and by the learner agree after each push.
     assert first["engine_logprob_gap"] < 1e-3 and second["engine_logprob_gap"] < 1e-3
