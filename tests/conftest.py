@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,15 @@ def ray_head(tmp_path):
     head.wait(timeout=120)
 
 
+def submit_job(ray_head, cwd: Path, *command: str) -> str:
+    """`ray job submit --working-dir <repo> -- <command>` against the ray_head cluster: its output.
+    The head takes a while to accept jobs: retried until one is submitted (then never again)."""
+    ray_cli, url, env = ray_head
+    submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(REPO), "--", *command]
+    deadline = time.time() + 180
+    while True:
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, cwd=cwd)
+        out = done.stdout + done.stderr
+        if "raysubmit_" in out or time.time() > deadline:
+            return out
+        time.sleep(5)

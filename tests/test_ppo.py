@@ -3,8 +3,6 @@ resumes from the last checkpoint, the rollout engine decodes exactly like the le
 push, and the job runs under `ray job submit`."""
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
 from clinicalgpt.experience import build_batch
-from conftest import REPO, history, isolated_run
+from conftest import history, isolated_run, submit_job
 
 pytestmark = pytest.mark.slow
 # Small steps: 8 prompts x 4 samples, responses up to 24 tokens; the rule rewards a 6-token answer. The
@@ -86,17 +84,8 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained
 
 def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head):
     cfg, _ = trained
-    ray_cli, url, env = ray_head
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft", "rm"))
-    submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-              "python", "jobs/ppo.py", *ppo_args(run_root, cfg, 2, "ppo.reward=model")]
-    deadline = time.time() + 180
-    while True:  # the head takes a while to accept jobs: retry until one is submitted (then never again)
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, cwd=tmp_path)
-        out = done.stdout + done.stderr
-        if "raysubmit_" in out or time.time() > deadline:
-            break
-        time.sleep(5)
+    out = submit_job(ray_head, tmp_path, "python", "jobs/ppo.py", *ppo_args(run_root, cfg, 2, "ppo.reward=model"))
     assert "succeeded" in out, out[-3000:]
     assert "[ppo] done" in out
     summary = json.loads((run_root / cfg.preset / "ppo" / "summary.json").read_text())

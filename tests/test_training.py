@@ -14,10 +14,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from clinicalgpt.config import load_config
-from conftest import history, isolated_run, stage_args
+from conftest import REPO, history, isolated_run, stage_args, submit_job
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+
+
 def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     cfg, summaries = trained
     pt = summaries["pretrain"]
@@ -103,18 +104,9 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
 
 def test_a_stage_runs_under_ray_job_submit(built, tmp_path, ray_head):
     cfg, _ = built
-    ray_cli, url, env = ray_head
     run_root = isolated_run(cfg, tmp_path)
-    submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-              "python", "jobs/pretrain.py", f"run_root={run_root}", f"data.root={cfg.data_root}",
-              *stage_args("pretrain", 2)]
-    deadline = time.time() + 180
-    while True:  # the head takes a while to accept jobs: retry until one is submitted (then never again)
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, cwd=tmp_path)
-        out = done.stdout + done.stderr
-        if "raysubmit_" in out or time.time() > deadline:
-            break
-        time.sleep(5)
+    out = submit_job(ray_head, tmp_path, "python", "jobs/pretrain.py", f"run_root={run_root}",
+                     f"data.root={cfg.data_root}", *stage_args("pretrain", 2))
     assert "succeeded" in out, out[-3000:]
     assert [h["step"] for h in history(load_config([f"run_root={run_root}"]), "pretrain")] == [1, 2]
     assert (run_root / cfg.preset / "pretrain" / "final" / "config.json").exists()
