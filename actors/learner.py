@@ -15,7 +15,7 @@ import torch
 
 from clinicalgpt import rl
 from clinicalgpt.config import Config
-from clinicalgpt.experience import response_logprobs, token_values
+from clinicalgpt.experience import by_length, response_logprobs, take_rows, token_values
 from clinicalgpt.trainer import CKPT_TAG, apply_lora, export_hf, zero2_config
 
 
@@ -80,10 +80,11 @@ class LearnerRank:
 
     def evaluate(self, batch: dict) -> dict[str, np.ndarray]:
         """The rollout policy's own log-probs (and the critic's values) of this rank's share."""
+        rows = self.cfg.ppo.forward_rows
         with torch.no_grad():
-            out = {"logprobs": response_logprobs(self.policy, batch, self.device).cpu().numpy()}
+            out = {"logprobs": by_length(lambda b: response_logprobs(self.policy, b, self.device).cpu().numpy(), batch, rows)}
             if self.critic is not None:
-                out["values"] = token_values(self.critic, batch, self.device).cpu().numpy()
+                out["values"] = by_length(lambda b: token_values(self.critic, b, self.device).cpu().numpy(), batch, rows)
         return out
 
     def train(self, batch: dict, step: int) -> dict[str, float]:
@@ -99,7 +100,7 @@ class LearnerRank:
             order = rng.permutation(rows)
             for start in range(0, rows - micro + 1, micro):
                 idx = np.sort(order[start:start + micro])
-                sub = {k: v[idx] if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+                sub = take_rows(batch, idx)
                 mask = t["response_mask"][idx]
                 logp, entropy = response_logprobs(self.policy, sub, self.device, with_entropy=True)
                 loss, s = rl.policy_loss(logp, t["old_logprobs"][idx], t["advantages"][idx], mask, pc.clip)

@@ -6,16 +6,18 @@ import numpy as np
 import ray
 import torch
 
-from clinicalgpt.experience import response_logprobs
+from clinicalgpt.experience import by_length, response_logprobs
 
 
 @ray.remote
 class ReferenceActor:
-    def __init__(self, model_path: str, dtype: str = "float32"):
+    def __init__(self, model_path: str, dtype: str, forward_rows: int):
         from clinicalgpt.modeling import load_model
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model_path, dtype).to(self.device).eval()
+        self.forward_rows = forward_rows
 
     def logprobs(self, batch: dict) -> np.ndarray:
         with torch.no_grad():
-            return response_logprobs(self.model, batch, self.device).cpu().numpy()
+            return by_length(lambda b: response_logprobs(self.model, b, self.device).cpu().numpy(), batch,
+                             self.forward_rows)

@@ -11,7 +11,7 @@ import numpy as np
 import ray
 import torch
 
-from clinicalgpt.experience import sequence_scores
+from clinicalgpt.experience import by_length, sequence_scores
 
 
 def parse_reward(spec: str) -> tuple[str, str]:
@@ -25,9 +25,10 @@ def parse_reward(spec: str) -> tuple[str, str]:
 
 @ray.remote
 class RewardActor:
-    def __init__(self, spec: str, model_path: str, dtype: str = "float32"):
+    def __init__(self, spec: str, model_path: str, dtype: str, forward_rows: int):
         from clinicalgpt.tokenizer import load_tokenizer
         self.kind, self.arg = parse_reward(spec)
+        self.forward_rows = forward_rows
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_path)
         if self.kind == "model":
@@ -39,7 +40,8 @@ class RewardActor:
     def score(self, batch: dict) -> np.ndarray:
         if self.kind == "model":
             with torch.no_grad():
-                return sequence_scores(self.model, batch, self.device).cpu().numpy()
+                return by_length(lambda b: sequence_scores(self.model, b, self.device).cpu().numpy(), batch,
+                                 self.forward_rows)
         lengths = batch["response_mask"].sum(1)
         if self.kind == "length":
             target = int(self.arg)

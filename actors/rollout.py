@@ -85,6 +85,26 @@ class RolloutActor:
                 samples.append({"ids": new[:length], "logprobs": logprobs})
         return samples
 
+    def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """log p(token | everything before it) of each continuation token after its prompt (for scoring
+        fixed answers, e.g. exam options, with the engine that generates)."""
+        if not self.uses_vllm:
+            return self._continuation_logprobs_transformers(prompts, continuations)
+        from vllm import SamplingParams
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompts, continuations)], params,
+                                    use_tqdm=False)
+        return [[step[t].logprob for step, t in zip(out.prompt_logprobs[len(p):], c)]
+                for out, p, c in zip(outputs, prompts, continuations)]
+
+    def _continuation_logprobs_transformers(self, prompts, continuations) -> list[list[float]]:
+        out = []
+        with torch.no_grad():
+            for p, c in zip(prompts, continuations):
+                logits = self.model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1].float()
+                out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist())
+        return out
+
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the policy's weights (Hugging Face names, LoRA already merged)."""
         if self.uses_vllm:

@@ -187,10 +187,37 @@ class PPOConfig:
     # vLLM's gpu_memory_utilization: the share of a GPU's memory for weights and KV cache; on CPU the share
     # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
     rollout_memory_fraction: float = 0.2
+    forward_rows: int = 16  # rows per forward pass when scoring (reference, reward, old log-probs), grouped by length
     checkpoint_every: int = 10
     eval_every: int = 10
     eval_prompts: int = 32  # held-out prompts (valid split) answered greedily for the held-out reward
     log_every: int = 1
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """The clinical evaluation (jobs/eval.py): the paper's four task families plus safety, on the test
+    records of the data pipeline (point data.sources at the original datasets to evaluate on them)."""
+
+    # Stage names under the run folder (pretrain, sft, ppo) or model paths / hub names. The judged
+    # families compare the last (the newest system, as the paper compares ClinicalGPT) with each other.
+    models: list[str] = field(default_factory=lambda: ["pretrain", "sft", "ppo"])
+    families: list[str] = field(default_factory=lambda: ["conversation", "exam", "diagnosis", "qa", "safety"])
+    # Items per family, drawn by a seeded hash of their ids (the same items for every model); 0 = all.
+    items: dict[str, int] = field(default_factory=lambda: {
+        "conversation": 200, "exam": 400, "diagnosis": 200, "qa": 100, "safety": 60})
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {
+        "conversation": 64, "exam": 32, "diagnosis": 32, "qa": 96, "safety": 96})
+    exam_likelihood: bool = True  # also pick the option the model gives the highest mean log-prob per token
+    exam_labels: str = ""  # a JSON object, item id -> category, overriding the derived exam categories
+    judge: str = "reward_model"  # reward_model (runs/<preset>/rm/final) | openai (any OpenAI-compatible endpoint)
+    judge_url: str = ""  # openai: the base URL, e.g. https://api.openai.com/v1 or a model this project serves
+    judge_model: str = "gpt-4"
+    judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's key
+    judge_tie_margin: float = 0.1  # reward_model: score gaps up to this are ties
+    rollout: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=1.0))
+    rollout_memory_fraction: float = 0.2  # as ppo.rollout_memory_fraction
     seed: int = 0
 
 
@@ -219,6 +246,7 @@ class Config:
     rm: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-4, global_batch=16, micro_batch=8, max_steps=300, eval_every=50, checkpoint_every=100, log_every=10))
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # Derived locations: one folder per preset, one subfolder per stage.
     @property

@@ -7,7 +7,10 @@ response sit in the same columns for every row.
     response_mask   [B, L]       1 on generated tokens
     prompt_len      P            (an int in the dict)
 
-Arrays are numpy so that batches travel through the object store without copies.
+Arrays are numpy so that batches travel through the object store without copies. The forward passes
+drop the columns that are padding in every row first (`trim`) and pad their outputs back to L, and the
+scoring roles run long-tailed batches in chunks of similar length (`by_length`): prompts range from 20 to
+250 tokens, so padding every row to the longest would spend most of the compute on pad tokens.
 """
 
 from __future__ import annotations
@@ -34,8 +37,37 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
 def split_batch(batch: dict, parts: int) -> list[dict]:
     """Row shards of a batch (the last ones may be one row shorter), for several actors of a role."""
     bounds = np.linspace(0, len(batch["input_ids"]), parts + 1).astype(int)
-    return [{k: v[a:b] if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    return [take_rows(batch, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def trim(batch: dict) -> dict:
+    """The batch without the columns that are padding in every row: left of its longest prompt and right
+    of its longest response. Positions count real tokens only, so every result is unchanged."""
+    P, L = batch["prompt_len"], batch["response_mask"].shape[1]
+    first = int(batch["attention_mask"][:, :P].argmax(1).min())
+    keep = max(1, int(batch["response_mask"].sum(1).max()))
+    out = {k: (v[:, first:P + keep] if v.shape[1] == P + L else v[:, :keep])
+           if isinstance(v, np.ndarray) and v.ndim == 2 else v for k, v in batch.items()}
+    out["prompt_len"] = P - first
+    return out
+
+
+def take_rows(batch: dict, rows: np.ndarray | slice) -> dict:
+    return {k: v[rows] if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def by_length(fn, batch: dict, chunk_rows: int) -> np.ndarray:
+    """fn (batch -> per-row numpy results) over chunks of rows of similar prompt and response length,
+    the results put back in row order."""
+    order = np.lexsort((batch["response_mask"].sum(1), batch["attention_mask"][:, :batch["prompt_len"]].sum(1)))
+    out = np.concatenate([fn(take_rows(batch, order[i:i + chunk_rows])) for i in range(0, len(order), chunk_rows)])
+    result = np.empty_like(out)
+    result[order] = out
+    return result
+
+
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -48,19 +80,21 @@ def model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict[str, t
 
 def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", with_entropy: bool = False):
     """log p(response token | everything before it) per response column, [B, L] (and the entropy of each
-    predicting distribution when asked)."""
+    predicting distribution when asked), padded back to L columns with zeros after trimming."""
+    L = batch["response_mask"].shape[1]
+    batch = trim(batch)
     inputs = model_inputs(batch, device)
     if getattr(model, "module", model).config.model_type == "bloom":
         inputs.pop("position_ids")  # ALiBi takes its positions from the attention mask
     P = batch["prompt_len"]
     logits = model(**inputs, use_cache=False).logits[:, P - 1:-1].float()
     targets = inputs["input_ids"][:, P:]
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (logp, entropy_from_logits(logits)) if with_entropy else logp
+    logp = _pad_to(torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), L)
+    return (logp, _pad_to(entropy_from_logits(logits), L)) if with_entropy else logp
 
 
 def _head_at_every_position(model, batch: dict, device) -> torch.Tensor:
-    """A sequence classifier's backbone and scalar head applied at every position, [B, P + L]."""
+    """A sequence classifier's backbone and scalar head applied at every position of a trimmed batch."""
     inner = model.module if hasattr(model, "module") else model  # a DeepSpeed engine
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PEFT model
     inputs = model_inputs(batch, device)
@@ -72,11 +106,13 @@ def _head_at_every_position(model, batch: dict, device) -> torch.Tensor:
 
 def sequence_scores(model, batch: dict, device: torch.device | str = "cpu") -> torch.Tensor:
     """A reward model's score of each (prompt, response): its head on the last real token."""
+    batch = trim(batch)
     last = batch["prompt_len"] + torch.as_tensor(batch["response_mask"]).sum(1).long() - 1
     return _head_at_every_position(model, batch, device)[torch.arange(len(last)), last.to(device)]
 
 
 def token_values(critic, batch: dict, device: torch.device | str = "cpu") -> torch.Tensor:
     """The critic's value before each response token, [B, L] (the reward model's head at every position)."""
-    P = batch["prompt_len"]
-    return _head_at_every_position(critic, batch, device)[:, P - 1:-1]
+    L = batch["response_mask"].shape[1]
+    batch = trim(batch)
+    return _pad_to(_head_at_every_position(critic, batch, device)[:, batch["prompt_len"] - 1:-1], L)

@@ -132,8 +132,10 @@ def start_roles(cfg: Config, policy: str, reward_model: str, critic: str | None)
     max_len = pc.max_prompt_len + pc.max_new_tokens
     rollout, g1 = role_actors(RolloutActor, pc.rollout, "rollout", lambda i: (
         policy, max_len, pc.seed + i, pc.rollout_memory_fraction, cfg.model.dtype))
-    reference, g2 = role_actors(ReferenceActor, pc.reference, "reference", lambda i: (policy, cfg.model.dtype))
-    reward, g3 = role_actors(RewardActor, pc.reward_model, "reward", lambda i: (pc.reward, reward_model, cfg.model.dtype))
+    reference, g2 = role_actors(ReferenceActor, pc.reference, "reference", lambda i: (
+        policy, cfg.model.dtype, pc.forward_rows))
+    reward, g3 = role_actors(RewardActor, pc.reward_model, "reward", lambda i: (
+        pc.reward, reward_model, cfg.model.dtype, pc.forward_rows))
     learners = LearnerGroup(cfg, policy, critic)  # the other roles start meanwhile
     ray.get([a.__ray_ready__.remote() for a in rollout + reference + reward])  # a role that fails to start fails here
     return Roles(rollout, reference, reward, learners, [g1, g2, g3, learners.group],

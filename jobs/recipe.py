@@ -22,7 +22,7 @@ from clinicalgpt.config import load_config
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo", "eval"]
 
 
 def main(argv: list[str]) -> None:
@@ -56,6 +56,22 @@ def main(argv: list[str]) -> None:
     print(f"  ppo: {ppo['steps']} steps, reward {ppo['first_reward']:.3f} -> {ppo['last_reward']:.3f}, held-out reward "
           f"{ppo['first_eval_reward']:.3f} -> {ppo['last_eval_reward']:.3f} at KL {ppo['last_eval_kl']:.2f}, "
           f"{ppo['samples_per_s']:.1f} samples/s; policy {ppo['model']}")
+    results = json.loads((cfg.stage_dir("eval") / "results.json").read_text())
+    fam = results["families"]
+    for name in results["models"]:
+        parts = []
+        if "exam" in fam:
+            exam = fam["exam"][name]
+            parts.append(f"exam {exam['accuracy']:.3f} (option likelihood {exam.get('likelihood_accuracy', float('nan')):.3f})")
+        if "conversation" in fam:
+            parts.append(f"BLEU-1 {fam['conversation'][name]['bleu1']:.1f} ROUGE-L {fam['conversation'][name]['rougeL']:.1f}")
+        if "diagnosis" in fam:
+            parts.append(f"diagnosis {fam['diagnosis'][name]['accuracy']:.3f}")
+        print(f"  eval {name}: " + ", ".join(parts))
+    for family in ("qa", "safety"):
+        for pair, v in fam.get(family, {}).items():
+            print(f"  eval {family} {pair}: win {v['win']:.2f} tie {v['tie']:.2f} lose {v['lose']:.2f}")
+    print(f"  evaluation report: {cfg.stage_dir('eval') / 'report.md'}")
 
 
 if __name__ == "__main__":

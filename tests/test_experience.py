@@ -1,0 +1,51 @@
+"""Rollout batches: trimming the padding and scoring in length-sorted chunks change no number."""
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
+
+from clinicalgpt.experience import build_batch, by_length, response_logprobs, sequence_scores, token_values, trim
+
+PAD = 0
+PROMPTS = [[5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15], [16], [17, 18, 19, 20]]
+RESPONSES = [[21, 22, 23], [24], [25, 26], [27, 28, 29, 30, 31], [32]]
+
+
+def tiny_config() -> Qwen2Config:
+    return Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, intermediate_size=48, pad_token_id=PAD, num_labels=1)
+
+
+def test_trim_drops_only_all_pad_columns():
+    batch = build_batch([[5, 6], [7, 8, 9]], [[1], [2, 3]], PAD)
+    # Padded: P = 3, L = 2; a third response column would be all pad, as would a fourth prompt column.
+    wide = build_batch([[5, 6], [7, 8, 9], [1, 2, 3, 4]], [[1], [2, 3], [4, 5, 6]], PAD)
+    narrow = trim({k: v[:2] if isinstance(v, np.ndarray) else v for k, v in wide.items()})
+    assert narrow["prompt_len"] == 3
+    for key in ("input_ids", "attention_mask", "response_mask"):
+        np.testing.assert_array_equal(narrow[key], batch[key])
+
+
+def test_scoring_a_trimmed_length_sorted_batch_equals_scoring_it_whole():
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_config()).eval()
+    critic = AutoModelForSequenceClassification.from_config(tiny_config()).eval()
+    batch = build_batch(PROMPTS, RESPONSES, PAD)
+    P, mask = batch["prompt_len"], torch.as_tensor(batch["response_mask"])
+    ids, attention = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():  # the whole padded batch, by hand
+        logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, P - 1:-1]
+        expected_logp = torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None]).squeeze(-1) * mask
+        hidden = critic.model(input_ids=ids, attention_mask=attention, position_ids=positions).last_hidden_state
+        head = critic.score(hidden).squeeze(-1)
+        expected_values = head[:, P - 1:-1] * mask
+        expected_scores = head[torch.arange(len(ids)), P + mask.sum(1).long() - 1]
+
+        logp = by_length(lambda b: response_logprobs(policy, b).numpy(), batch, chunk_rows=2)
+        values = by_length(lambda b: token_values(critic, b).numpy(), batch, chunk_rows=2)
+        scores = by_length(lambda b: sequence_scores(critic, b).numpy(), batch, chunk_rows=2)
+    np.testing.assert_allclose(logp * batch["response_mask"], expected_logp.numpy(), atol=1e-5)
+    np.testing.assert_allclose(values * batch["response_mask"], expected_values.numpy(), atol=1e-5)
+    np.testing.assert_allclose(scores, expected_scores.numpy(), atol=1e-5)
+    assert logp.shape == batch["response_mask"].shape
