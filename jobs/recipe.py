@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 
-from clinicalgpt.config import load_config
+from clinicalgpt.config import Config, load_config
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
@@ -38,7 +38,11 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"stage {stage} failed (exit {done.returncode}); rerun: python jobs/{stage}.py "
                              + " ".join(argv))
         timings[stage] = round(time.time() - started, 1)
+    print_summary(cfg, timings)
 
+
+def print_summary(cfg: Config, timings: dict[str, float]) -> None:
+    """One screen: time per stage, the data, and each stage's headline figures from its output files."""
     manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
     print("\n===== summary =====")
     print(f"preset {cfg.preset}, data root {cfg.data_root}, outputs under {cfg.run_dir}")
