@@ -15,24 +15,26 @@ import torch
 
 from clinicalgpt import rl
 from clinicalgpt.config import Config
-from clinicalgpt.experience import by_length, response_logprobs, take_rows, token_values
+from clinicalgpt.experience import by_length, length_grouped_minibatches, response_logprobs, take_rows, token_values
 from clinicalgpt.trainer import CKPT_TAG, apply_lora, export_hf, zero2_config
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights under Hugging Face names with the LoRA deltas added, computed without
-    touching the model (merging and unmerging in place would drift in bf16)."""
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes, under Hugging Face names: with LoRA, each adapted layer's weight
+    with its delta added (computed without touching the model: merging and unmerging in place would
+    drift in bf16), the frozen rest being what the rollout engines loaded at the start; without LoRA,
+    the whole state dict."""
     if not hasattr(model, "get_base_model"):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     from peft.tuners.lora import LoraLayer
-    base = model.get_base_model()
-    state = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
+    weights = {}
     with torch.no_grad():
-        for name, module in base.named_modules():
+        for name, module in model.get_base_model().named_modules():
             if isinstance(module, LoraLayer):
-                for adapter in module.active_adapters:
-                    state[f"{name}.weight"] += module.get_delta_weight(adapter).to(state[f"{name}.weight"].dtype)
-    return state
+                base = module.get_base_layer().weight
+                weights[f"{name}.weight"] = base.detach().clone() + sum(
+                    module.get_delta_weight(a).to(base.dtype) for a in module.active_adapters)
+    return weights
 
 
 @ray.remote
@@ -91,15 +93,12 @@ class LearnerRank:
         """PPO epochs over minibatches of this rank's share (every rank takes the same number of steps)."""
         pc = self.cfg.ppo
         micro = pc.minibatch // self.world
-        rows = len(batch["input_ids"])
         t = {k: torch.as_tensor(batch[k], device=self.device)
              for k in ("response_mask", "old_logprobs", "advantages", "old_values", "returns") if k in batch}
         stats: dict[str, list[float]] = {}
         rng = np.random.default_rng([pc.seed, step, self.rank])
         for _ in range(pc.epochs):
-            order = rng.permutation(rows)
-            for start in range(0, rows - micro + 1, micro):
-                idx = np.sort(order[start:start + micro])
+            for idx in length_grouped_minibatches(batch, micro, pc.length_group, rng):
                 sub = take_rows(batch, idx)
                 mask = t["response_mask"][idx]
                 logp, entropy = response_logprobs(self.policy, sub, self.device, with_entropy=True)
@@ -118,8 +117,9 @@ class LearnerRank:
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """Merged policy weights for the rollout engines (every rank holds them whole under ZeRO-2)."""
-        return {k: v.cpu() for k, v in merged_state_dict(self.policy.module).items()}
+        """The policy's trained weights, LoRA merged, for the rollout engines (every rank holds them whole
+        under ZeRO-2). With LoRA only the adapted layers travel: a fifth of the tiny model, under a third of a 7B."""
+        return {k: v.cpu() for k, v in trained_weights(self.policy.module).items()}
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """transformers greedy decoding of the current policy (to check the rollout engines against)."""

@@ -106,7 +106,7 @@ class RolloutActor:
         return out
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Replace the policy's weights (Hugging Face names, LoRA already merged)."""
+        """Load the given policy weights (Hugging Face names, LoRA already merged; a subset replaces just those)."""
         if self.uses_vllm:
             self.llm.collective_rpc(_reload_weights, args=(pickle.dumps(state_dict),))
             self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights

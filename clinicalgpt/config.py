@@ -173,6 +173,7 @@ class PPOConfig:
     kl_horizon: int = 10000
     epochs: int = 2  # PPO epochs over each batch of experience
     minibatch: int = 16  # responses per optimizer step, over all learner ranks
+    length_group: int = 4  # minibatches whose rows are grouped by length (less padding); 1: plain random
     lr: float = 5e-4  # the tiny model's LoRA; the 7B presets use the paper's 1e-5
     critic_lr: float = 5e-5
     clip: float = 0.2

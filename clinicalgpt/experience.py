@@ -56,14 +56,33 @@ def take_rows(batch: dict, rows: np.ndarray | slice) -> dict:
     return {k: v[rows] if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
+def length_order(batch: dict) -> np.ndarray:
+    """Row indices by prompt length, then response length."""
+    return np.lexsort((batch["response_mask"].sum(1), batch["attention_mask"][:, :batch["prompt_len"]].sum(1)))
+
+
 def by_length(fn, batch: dict, chunk_rows: int) -> np.ndarray:
     """fn (batch -> per-row numpy results) over chunks of rows of similar prompt and response length,
     the results put back in row order."""
-    order = np.lexsort((batch["response_mask"].sum(1), batch["attention_mask"][:, :batch["prompt_len"]].sum(1)))
+    order = length_order(batch)
     out = np.concatenate([fn(take_rows(batch, order[i:i + chunk_rows])) for i in range(0, len(order), chunk_rows)])
     result = np.empty_like(out)
     result[order] = out
     return result
+
+
+def length_grouped_minibatches(batch: dict, size: int, group: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled minibatches of `size` rows in which rows of similar length go together, so that each
+    forward pass pads less: a random permutation cut into groups of `group` minibatches, each group put
+    in length order before it is cut (as transformers' LengthGroupedSampler). group=1: plain random
+    minibatches. Rows beyond the last whole minibatch are left out."""
+    perm = rng.permutation(len(batch["input_ids"]))
+    minibatches = []
+    for start in range(0, len(perm), size * group):
+        chunk = perm[start:start + size * group]
+        chunk = chunk[length_order(take_rows(batch, chunk))]
+        minibatches += [chunk[i:i + size] for i in range(0, len(chunk) - size + 1, size)]
+    return [minibatches[i] for i in rng.permutation(len(minibatches))]
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -270,6 +270,8 @@ def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
                          "(or use a rule reward, e.g. ppo.reward=length:16)")
     if pc.advantage not in rl.ADVANTAGE_ESTIMATORS:
         raise SystemExit(f"ppo.advantage={pc.advantage!r}: one of {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
+    if pc.length_group < 1 or pc.forward_rows < 1:
+        raise SystemExit(f"ppo.length_group ({pc.length_group}) and ppo.forward_rows ({pc.forward_rows}) must be >= 1")
     rows, ranks = pc.prompts_per_step * pc.samples_per_prompt, pc.learner.num
     if pc.minibatch % ranks or rows % ranks or rows // ranks < pc.minibatch // ranks:
         raise SystemExit(f"ppo: {rows} responses per step and minibatch {pc.minibatch} must both divide "

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
 
-from clinicalgpt.experience import build_batch, by_length, response_logprobs, sequence_scores, token_values, trim
+from clinicalgpt.experience import (build_batch, by_length, length_grouped_minibatches, length_order, response_logprobs,
+                                    sequence_scores, take_rows, token_values, trim)
 
 PAD = 0
 PROMPTS = [[5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15], [16], [17, 18, 19, 20]]
@@ -49,3 +50,25 @@ def test_scoring_a_trimmed_length_sorted_batch_equals_scoring_it_whole():
     np.testing.assert_allclose(values * batch["response_mask"], expected_values.numpy(), atol=1e-5)
     np.testing.assert_allclose(scores, expected_scores.numpy(), atol=1e-5)
     assert logp.shape == batch["response_mask"].shape
+
+
+def test_length_grouped_minibatches_pad_less_and_cover_each_row_once():
+    rng = np.random.default_rng(0)
+    # Long-tailed prompt lengths like the real PPO prompts' (median about 46 tokens, a tail past 150).
+    prompts = [list(range(1, 1 + n)) for n in np.clip(rng.lognormal(3.8, 0.7, 32), 5, 250).astype(int)]
+    batch = build_batch(prompts, [[1] * int(n) for n in rng.integers(1, 30, 32)], PAD)
+
+    def padded_tokens(minibatches):
+        return sum(trim(take_rows(batch, idx))["input_ids"].size for idx in minibatches)
+
+    plain = length_grouped_minibatches(batch, 8, 1, np.random.default_rng(1))
+    grouped = length_grouped_minibatches(batch, 8, 4, np.random.default_rng(1))
+    for minibatches in (plain, grouped):
+        assert [len(m) for m in minibatches] == [8] * 4
+        assert sorted(np.concatenate(minibatches)) == list(range(32))
+    # Grouped over all 32 rows, each minibatch is a run of the length order.
+    order = list(length_order(batch))
+    assert sorted(order.index(i) // 8 for i in grouped[0]) == [order.index(grouped[0][0]) // 8] * 8
+    assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
+    # A remainder that makes no whole minibatch is left out (every rank takes the same number of steps).
+    assert len(length_grouped_minibatches(take_rows(batch, slice(0, 30)), 8, 2, rng)) == 3
