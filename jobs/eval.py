@@ -205,7 +205,8 @@ class RewardModelJudge:
                    for a, p in zip(replies, prompts)]
         return ray.get(self.actor.score.remote(build_batch(prompts, answers, self.tok.pad_token_id)))
 
-    def verdicts(self, rows: list[dict], mine: list[str], theirs: list[str]) -> list[int]:
+    def verdicts(self, family: str, rows: list[dict], mine: list[str], theirs: list[str]) -> list[int]:
+        """1 / 0 / -1 per item from `mine`'s side; the reward model judges every family alike."""
         gap = self.scores(rows, mine) - self.scores(rows, theirs)
         margin = self.cfg.eval.judge_tie_margin
         return [1 if g > margin else -1 if g < -margin else 0 for g in gap]
@@ -240,7 +241,7 @@ class OpenAIJudge:
         text = (reply.choices[0].message.content or "").strip().lower()
         return 1 if text.startswith("1") else -1 if text.startswith("2") else 0
 
-    def verdicts(self, rows: list[dict], mine: list[str], theirs: list[str], family: str = "qa") -> list[int]:
+    def verdicts(self, family: str, rows: list[dict], mine: list[str], theirs: list[str]) -> list[int]:
         def both(args):
             r, a, b = args
             question = r["messages"][-1]["content"]
@@ -279,6 +280,9 @@ def main(argv: list[str]) -> dict:
                      "skipped_long": skipped, "families": {}}
     records: list[dict] = []
     kg_files = [cfg.data_root / s.path for s in cfg.data.sources if s.kind.startswith("kg_")]
+    judge = None
+    if {"qa", "safety"} & set(items):
+        judge = RewardModelJudge(cfg) if e.judge == "reward_model" else OpenAIJudge(cfg)
     for family, rows in items.items():
         per_model, scored = {}, {}
         if family == "conversation":
@@ -292,20 +296,19 @@ def main(argv: list[str]) -> dict:
             for n in names:
                 per_model[n], scored[n] = score_diagnosis(rows, answers[n][family], synonyms)
         else:
-            judge = RewardModelJudge(cfg) if e.judge == "reward_model" else OpenAIJudge(cfg)
             last = names[-1]
             for other in names[:-1]:
-                kwargs = {"family": family} if isinstance(judge, OpenAIJudge) else {}
-                verdicts = judge.verdicts(rows, answers[last][family], answers[other][family], **kwargs)
+                verdicts = judge.verdicts(family, rows, answers[last][family], answers[other][family])
                 per_model[f"{last} vs {other}"] = ev.win_rates(verdicts)
                 scored[other] = [{"verdict_of_" + last: ev.VERDICT[v]} for v in verdicts]
-            judge.close()
         results["families"][family] = per_model
         for i, r in enumerate(rows):
             records.append({"family": family, "id": r["id"], "source": r["source"],
                             "prompt": r["messages"], "reference": r["reference"],
                             "outputs": {n: answers[n][family][i] for n in names},
                             "scores": {n: scored[n][i] for n in scored}})
+    if judge is not None:
+        judge.close()
     results["seconds"] = round(time.time() - started, 1)
 
     out.mkdir(parents=True, exist_ok=True)

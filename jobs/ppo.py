@@ -224,7 +224,8 @@ def evaluate_held_out(roles: Roles, cfg: Config, prompts: list[list[int]]) -> di
     batch, _ = generate(roles, prompts, 1, cfg, cfg.ppo.seed, greedy=True)
     scored = score(roles, batch)
     mask = torch.as_tensor(batch["response_mask"])
-    kl = rl.kl_per_token(torch.as_tensor(scored["old_logprobs"]), torch.as_tensor(scored["ref_logprobs"]), "k1")
+    # k3, not k1: greedy answers are not samples of the policy, and k1's sum over them can go negative.
+    kl = rl.kl_per_token(torch.as_tensor(scored["old_logprobs"]), torch.as_tensor(scored["ref_logprobs"]), "k3")
     return {"eval_reward": float(scored["scores"].mean()), "eval_kl": float((kl * mask).sum(1).mean()),
             "eval_response_length": float(mask.sum(1).mean())}
 

@@ -125,10 +125,10 @@ def test_openai_judge_asks_twice_with_the_answers_swapped():
         cfg = load_config(["eval.judge=openai", f"eval.judge_url=http://127.0.0.1:{server.server_port}/v1"])
         judge = OpenAIJudge(cfg)
         rows = [{"messages": [{"role": "user", "content": "胸痛怎么办"}]}] * 2
-        assert judge.verdicts(rows, ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]) == [1, -1]
+        assert judge.verdicts("safety", rows, ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]) == [1, -1]
         assert len(asked) == 4 and all("问题：胸痛怎么办" in p for p in asked)
         biased["on"] = True
-        assert judge.verdicts(rows, ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]) == [0, 0]
+        assert judge.verdicts("safety", rows, ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]) == [0, 0]
         judge.close()
     finally:
         server.shutdown()
