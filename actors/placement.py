@@ -11,14 +11,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from clinicalgpt.config import RoleConfig
 
 
-def role_actors(actor_class, role: RoleConfig, name: str, args: Callable[[int], tuple]) -> tuple[list, PlacementGroup]:
+def role_actors(actor_class, role: RoleConfig, name: str, args: Callable[[int], tuple],
+                max_restarts: int = 0) -> tuple[list, PlacementGroup]:
     """role.num actors of actor_class, the i-th built with args(i), in a placement group of role.num
     bundles of {CPU: role.cpus, GPU: role.gpus} (PACK: on as few nodes as fit); and the group.
+    An actor that dies is rebuilt by Ray up to max_restarts times, in its bundle, from the same args.
     The actors build in the background: `ray.get(actor.__ray_ready__.remote())` waits for one."""
     bundle = {"CPU": role.cpus, **({"GPU": role.gpus} if role.gpus else {})}
     group = placement_group([bundle] * role.num, strategy="PACK", name=f"clinicalgpt-{name}")
     ray.get(group.ready(), timeout=300)
-    actors = [actor_class.options(num_cpus=role.cpus, num_gpus=role.gpus, name=f"{name}-{i}",
+    actors = [actor_class.options(num_cpus=role.cpus, num_gpus=role.gpus, name=f"{name}-{i}", max_restarts=max_restarts,
                                   scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote(*args(i))
               for i in range(role.num)]
     return actors, group

@@ -19,6 +19,11 @@ import torch
 ROLLOUT_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
+class StaleWeights(RuntimeError):
+    """The engine does not hold the policy version the caller expects: it was restarted (a Ray actor
+    rebuilt after a crash starts from its original weights). The caller pushes the current ones."""
+
+
 def _reload_weights(worker, blob: bytes) -> None:
     """Runs inside vLLM's worker: load Hugging Face-named weights in place (vLLM fuses qkv etc. itself).
     The weights travel pickled: vLLM's msgpack turns tensors nested in a dict into lists."""
@@ -41,6 +46,7 @@ class RolloutActor:
             from clinicalgpt.modeling import load_model
             self.model = load_model(model_path, dtype).eval()
         self.pad_id = self._pad_id(model_path)
+        self.weights_version = 0  # the weights pushed last (0: those it was built from)
 
     @staticmethod
     def _pad_id(path: str) -> int:
@@ -48,10 +54,13 @@ class RolloutActor:
         return load_tokenizer(path).pad_token_id
 
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[dict]:
+                 top_p: float = 1.0, seed: int | None = None, weights_version: int | None = None) -> list[dict]:
         """n samples per prompt, in prompt order (prompt 0's n samples first): response token ids and
         the engine's log-prob of each sampled token. temperature 0 is greedy. Prompt i samples with seed
-        seed + i: one seed for all would give every prompt the same random draws."""
+        seed + i: one seed for all would give every prompt the same random draws. With weights_version,
+        raises StaleWeights unless the engine holds that version."""
+        if weights_version is not None and weights_version != self.weights_version:
+            raise StaleWeights(f"engine holds weights version {self.weights_version}, the policy {weights_version}")
         if not self.uses_vllm:
             return self._generate_transformers(prompts, n, max_new_tokens, temperature, top_p, seed)
         from vllm import SamplingParams
@@ -105,13 +114,14 @@ class RolloutActor:
                 out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist())
         return out
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load the given policy weights (Hugging Face names, LoRA already merged; a subset replaces just those)."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int = 0) -> None:
+        """Load policy weights `version` (Hugging Face names, LoRA already merged; a subset replaces just those)."""
         if self.uses_vllm:
             self.llm.collective_rpc(_reload_weights, args=(pickle.dumps(state_dict),))
             self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
         else:
             self.model.load_state_dict(state_dict, strict=False)
+        self.weights_version = version
 
     def shutdown(self) -> None:
         if self.uses_vllm:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+STAGE_MODELS = ("pretrain", "sft", "ppo")
 
 
 @dataclass
@@ -188,6 +189,7 @@ class PPOConfig:
     # vLLM's gpu_memory_utilization: the share of a GPU's memory for weights and KV cache; on CPU the share
     # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
     rollout_memory_fraction: float = 0.2
+    rollout_restarts: int = 3  # a rollout engine that dies is rebuilt, and given the current weights, this many times
     forward_rows: int = 16  # rows per forward pass when scoring (reference, reward, old log-probs), grouped by length
     checkpoint_every: int = 10
     eval_every: int = 10
@@ -222,6 +224,33 @@ class EvalConfig:
     seed: int = 0
 
 
+# The operator's instruction put before every conversation (empty: none). The model is an assistant,
+# not a doctor: it says so, and sends urgent symptoms to emergency care.
+CLINICAL_SYSTEM_PROMPT = (
+    "你是医疗健康助手，不是医生，你的回答不能代替医生的面诊和诊断。"
+    "如出现胸痛、呼吸困难、大出血、意识不清、中风征象等紧急症状，请立即就医或拨打120急救电话。")
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve endpoint (jobs/serve.py, jobs/serve.yaml): which model, its limits and its security.
+    Replicas and autoscaling are Serve deployment options, in jobs/serve.yaml."""
+
+    model: str = "ppo"  # a stage's model (pretrain, sft, ppo) or a model folder / hub name
+    adapter: str = ""  # a LoRA adapter folder: served merged onto `model`
+    model_name: str = "clinicalgpt"  # the id clients send as "model"
+    system_prompt: str = CLINICAL_SYSTEM_PROMPT
+    max_model_len: int = 512  # prompt plus completion tokens
+    max_tokens: int = 256  # the most completion tokens a request may ask for (and the default)
+    # API keys: Bearer tokens, from this environment variable and/or one key a line in this file. None: open.
+    api_key_env: str = "CLINICALGPT_API_KEY"
+    api_key_file: str = ""
+    cpus: float = 1.0  # per engine replica
+    gpus: float = 0.0
+    memory_fraction: float = 0.2  # as ppo.rollout_memory_fraction
+    seed: int = 0
+
+
 @dataclass
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS, else a local cluster started for the job
@@ -248,6 +277,7 @@ class Config:
         lr=3e-4, global_batch=16, micro_batch=8, max_steps=300, eval_every=50, checkpoint_every=100, log_every=10))
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     # Derived locations: one folder per preset, one subfolder per stage.
     @property
@@ -270,6 +300,15 @@ class Config:
     @property
     def model_path(self) -> str:
         return self.model.path or str(self.run_dir / "base")
+
+    def stage_model(self, name: str) -> str:
+        """A stage's exported model (pretrain, sft, ppo), or `name` itself as a model folder or hub name."""
+        if name in STAGE_MODELS:
+            path = self.stage_dir(name) / "final"
+            if not (path / "config.json").exists():
+                raise SystemExit(f"no {name} model at {path}: run python jobs/{name}.py preset={self.preset} first")
+            return str(path)
+        return name
 
 
 def preset_names() -> list[str]:

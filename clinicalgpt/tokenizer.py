@@ -43,3 +43,9 @@ def load_tokenizer(path: str, chat_template: str = "") -> PreTrainedTokenizerFas
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a chat rendered with the model's template, up to the assistant's turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

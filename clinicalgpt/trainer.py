@@ -220,12 +220,16 @@ def _save_checkpoint(engine, state: dict, logged: dict, rank: int) -> None:
         ray.train.report(logged, checkpoint=Checkpoint.from_directory(d))
 
 
+# Exported to Prometheus as ray_clinicalgpt_train_<name>{stage=...} (monitoring/grafana-dashboard.json).
+METRICS = {"loss": "training loss", "eval_loss": "held-out loss", "tokens_per_s": "training throughput",
+           "step": "optimizer step"}
+
+
 def _ray_metrics(stage: str) -> dict:
     from ray.util.metrics import Gauge
     tags = {"stage": stage}
     gauges = {name: Gauge(f"clinicalgpt_train_{name}", description=desc, tag_keys=("stage",))
-              for name, desc in [("loss", "training loss"), ("eval_loss", "held-out loss"),
-                                 ("tokens_per_s", "training throughput"), ("step", "optimizer step")]}
+              for name, desc in METRICS.items()}
     for g in gauges.values():
         g.set_default_tags(tags)
     return gauges

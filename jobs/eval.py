@@ -38,22 +38,11 @@ from clinicalgpt.config import Config, load_config
 from clinicalgpt.experience import build_batch
 from clinicalgpt.records import hash_fraction
 from clinicalgpt.runtime import init_ray
-from clinicalgpt.tokenizer import load_tokenizer
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
 
 FAMILY_TASK = {"conversation": "dialogue", "exam": "exam", "diagnosis": "diagnosis", "qa": "community_qa",
                "safety": "safety"}
-STAGE_MODELS = ("pretrain", "sft", "ppo")
 MIN_GROUP_ITEMS = 5  # diagnosis groups with fewer items are pooled as "Other"
-
-
-def model_path(cfg: Config, name: str) -> str:
-    if name in STAGE_MODELS:
-        path = cfg.stage_dir(name) / "final"
-        if not (path / "config.json").exists():
-            raise SystemExit(f"no {name} model at {path}: run python jobs/{name}.py preset={cfg.preset} first, "
-                             f"or leave {name} out of eval.models")
-        return str(path)
-    return name  # a local folder or a hub name
 
 
 def load_items(cfg: Config) -> dict[str, list[dict]]:
@@ -68,11 +57,6 @@ def load_items(cfg: Config) -> dict[str, list[dict]]:
                           "reference": r["messages"][-1]["content"], "meta": json.loads(r["meta"] or "{}")}
                          for r in (rows[:n] if n else rows)]
     return items
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def drop_long(cfg: Config, items: dict[str, list[dict]], tokenizers: list) -> dict[str, int]:
@@ -267,7 +251,7 @@ def main(argv: list[str]) -> dict:
         raise SystemExit("eval.families qa and safety compare models: give eval.models at least two, or leave them out")
     if e.judge not in ("reward_model", "openai"):
         raise SystemExit(f"eval.judge={e.judge!r}: reward_model or openai")
-    paths = [model_path(cfg, n) for n in names]
+    paths = [cfg.stage_model(n) for n in names]
     init_ray(cfg)
     started = time.time()
     items = load_items(cfg)

@@ -35,14 +35,17 @@ from actors.learner import LearnerGroup
 from actors.placement import role_actors
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor, parse_reward
-from actors.rollout import RolloutActor
+from actors.rollout import RolloutActor, StaleWeights
 from clinicalgpt import rl
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.experience import build_batch, split_batch
 from clinicalgpt.runtime import init_ray
-from clinicalgpt.tokenizer import load_tokenizer
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
 
 KEEP_CHECKPOINTS = 2
+# Exported to Prometheus as ray_clinicalgpt_ppo_<name> (monitoring/grafana-dashboard.json plots them).
+METRICS = ("reward", "kl", "eval_reward", "samples_per_s", "generate_s", "score_s", "train_s", "sync_s", "step_s",
+           "step")
 
 
 class TokenizePrompts:
@@ -53,11 +56,8 @@ class TokenizePrompts:
         self.tok = load_tokenizer(tokenizer_path, chat_template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = []
-        for messages in batch.column("messages").to_pylist():
-            chat = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-            text = self.tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            ids.append(self.tok(text, add_special_tokens=False)["input_ids"])
+        ids = [prompt_ids(self.tok, chat[:-1] if chat[-1]["role"] == "assistant" else chat)
+               for chat in batch.column("messages").to_pylist()]
         return pa.table({"id": batch.column("id"), "prompt_ids": pa.array(ids, pa.list_(pa.int64()))})
 
 
@@ -118,6 +118,8 @@ class Roles:
     learners: LearnerGroup
     groups: list
     pad_id: int
+    weights: object = None  # the policy weights pushed last (an ObjectRef), for engines that restart
+    weights_version: int = 0
 
     def shutdown(self) -> None:
         ray.get([r.shutdown.remote() for r in self.rollout])
@@ -131,7 +133,7 @@ def start_roles(cfg: Config, policy: str, reward_model: str, critic: str | None)
     pc = cfg.ppo
     max_len = pc.max_prompt_len + pc.max_new_tokens
     rollout, g1 = role_actors(RolloutActor, pc.rollout, "rollout", lambda i: (
-        policy, max_len, pc.seed + i, pc.rollout_memory_fraction, cfg.model.dtype))
+        policy, max_len, pc.seed + i, pc.rollout_memory_fraction, cfg.model.dtype), max_restarts=pc.rollout_restarts)
     reference, g2 = role_actors(ReferenceActor, pc.reference, "reference", lambda i: (
         policy, cfg.model.dtype, pc.forward_rows))
     reward, g3 = role_actors(RewardActor, pc.reward_model, "reward", lambda i: (
@@ -151,9 +153,20 @@ def generate(roles: Roles, prompts: list[list[int]], n: int, cfg: Config, seed: 
     """Responses from the rollout engines (prompts split between them): the batch and the engines' log-probs."""
     pc = cfg.ppo
     chunks = np.array_split(np.arange(len(prompts)), len(roles.rollout))
-    refs = [a.generate.remote([prompts[i] for i in c], n, pc.max_new_tokens, 0.0 if greedy else pc.temperature,
-                              pc.top_p, seed + int(c[0])) for a, c in zip(roles.rollout, chunks) if len(c)]
-    samples = [s for part in ray.get(refs) for s in part]
+    calls = [(a, [prompts[i] for i in c], seed + int(c[0])) for a, c in zip(roles.rollout, chunks) if len(c)]
+
+    def call(engine, part: list, part_seed: int):
+        return engine.generate.remote(part, n, pc.max_new_tokens, 0.0 if greedy else pc.temperature, pc.top_p,
+                                      part_seed, roles.weights_version)
+
+    refs, parts = [call(*c) for c in calls], []
+    for c, ref in zip(calls, refs):
+        try:
+            parts.append(ray.get(ref))
+        except (ray.exceptions.RayActorError, StaleWeights):  # the engine died, or came back with old weights
+            restore_engine(roles, c[0])
+            parts.append(ray.get(call(*c)))
+    samples = [s for part in parts for s in part]
     batch = build_batch([p for p in prompts for _ in range(n)], [s["ids"] for s in samples], roles.pad_id)
     engine_logprobs = np.zeros_like(batch["response_mask"])
     for i, s in enumerate(samples):
@@ -231,8 +244,26 @@ def evaluate_held_out(roles: Roles, cfg: Config, prompts: list[list[int]]) -> di
 
 
 def push_weights(roles: Roles) -> None:
-    weights = roles.learners.ranks[0].policy_weights.remote()  # stays in the object store until loaded
-    ray.get([a.load_weights.remote(weights) for a in roles.rollout])
+    roles.weights = roles.learners.ranks[0].policy_weights.remote()  # kept in the object store for restarts
+    roles.weights_version += 1
+    ray.get([a.load_weights.remote(roles.weights, roles.weights_version) for a in roles.rollout])
+
+
+def restore_engine(roles: Roles, engine) -> None:
+    """A rollout engine that died is rebuilt by Ray with its starting weights: wait for it, push the current."""
+    started = time.time()
+    while True:
+        try:
+            ray.get(engine.__ray_ready__.remote())
+            break
+        except ray.exceptions.ActorUnavailableError:  # still being rebuilt (a dead one for good raises ActorDiedError)
+            if time.time() - started > 600:
+                raise
+            time.sleep(1)
+    if roles.weights is not None:
+        ray.get(engine.load_weights.remote(roles.weights, roles.weights_version))
+    print(f"[ppo] a rollout engine was restarted; weights version {roles.weights_version} pushed to it "
+          f"({time.time() - started:.1f}s)", flush=True)
 
 
 def save_checkpoint(folder: Path, roles: Roles, state: dict) -> None:
@@ -347,8 +378,7 @@ class Log:
         self.cfg, self.out, self.started = cfg, out, time.time()
         self.history = (out / "history.jsonl").open("a", buffering=1)
         self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-        self.gauges = {k: Gauge(f"clinicalgpt_ppo_{k}", description=f"PPO {k}")
-                       for k in ("reward", "kl", "eval_reward", "samples_per_s", "step_s", "sync_s", "step")}
+        self.gauges = {k: Gauge(f"clinicalgpt_ppo_{k}", description=f"PPO {k}") for k in METRICS}
         self.first_step = None
 
     def write(self, row: dict) -> None:

@@ -76,6 +76,7 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
         for pair, v in fam.get(family, {}).items():
             print(f"  eval {family} {pair}: win {v['win']:.2f} tie {v['tie']:.2f} lose {v['lose']:.2f}")
     print(f"  evaluation report: {cfg.stage_dir('eval') / 'report.md'}")
+    print("  serve the PPO policy (OpenAI API on http://127.0.0.1:8000/v1): .venv/bin/python jobs/serve.py")
 
 
 if __name__ == "__main__":

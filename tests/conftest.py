@@ -120,3 +120,25 @@ def submit_job(ray_head, cwd: Path, *command: str) -> str:
         if "raysubmit_" in out or time.time() > deadline:
             return out
         time.sleep(5)
+
+
+def scrape_metrics(names: set[str], timeout: float = 60) -> dict[str, list]:
+    """Prometheus samples of the given metrics, read from every node's metrics endpoint as Prometheus
+    would (monitoring/prometheus.yml) and polled until all appear (Ray exports every few seconds):
+    name -> [Sample(name, labels, value), ...]."""
+    import httpx
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+    deadline, found = time.time() + timeout, {}
+    while time.time() < deadline:
+        found = {}
+        for node in ray.nodes():
+            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in names:
+                        found.setdefault(sample.name, []).append(sample)
+        if names <= set(found):
+            break
+        time.sleep(2)
+    return found

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
 from clinicalgpt.experience import build_batch
-from conftest import history, isolated_run, submit_job
+from conftest import history, isolated_run, scrape_metrics, submit_job
 
 pytestmark = pytest.mark.slow
 # Small steps: 8 prompts x 4 samples, responses up to 24 tokens; the rule rewards a 6-token answer. The
@@ -40,6 +40,13 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tm
     assert all(r["engine_logprob_gap"] < 1e-3 for r in rows), [r["engine_logprob_gap"] for r in rows]
     assert {"clip_fraction", "approx_kl", "entropy", "value_loss", "explained_variance", "sync_s"} <= set(rows[-1])
     assert AutoModelForCausalLM.from_pretrained(summary["model"])  # the merged policy, HF format
+    # The run's metrics reach Prometheus through the node's metrics endpoint, with the last step's values.
+    names = {f"ray_clinicalgpt_ppo_{k}" for k in ("step", "reward", "kl", "generate_s", "train_s", "sync_s")}
+    samples = scrape_metrics(names)
+    assert names <= set(samples), sorted(samples)
+    assert max(s.value for s in samples["ray_clinicalgpt_ppo_step"]) == 20
+    assert rows[-1]["reward"] in [s.value for s in samples["ray_clinicalgpt_ppo_reward"]]
+    assert all(s.value > 0 for s in samples["ray_clinicalgpt_ppo_train_s"])
     assert (run.stage_dir("ppo") / "adapter" / "adapter_config.json").exists()
 
     # A rerun with a larger budget resumes from the step-20 checkpoint instead of starting over.
@@ -80,6 +87,26 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained
     assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
     # Sampled tokens scored by the engine and by the learner agree after each push.
     assert first["engine_logprob_gap"] < 1e-3 and second["engine_logprob_gap"] < 1e-3
+
+
+def test_a_killed_rollout_engine_is_restarted_with_the_current_weights(trained, capsys):
+    from jobs import ppo
+    cfg, _ = trained
+    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL, "ppo.advantage=grpo"])
+    policy = str(cfg.stage_dir("sft") / "final")
+    roles = ppo.start_roles(cfg, policy, policy, critic=None)
+    stream = ppo.PromptStream(cfg)
+    try:
+        before = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 0)  # pushes weights version 1
+        ray.kill(roles.rollout[0], no_restart=False)  # Ray rebuilds it, with the SFT weights it was built from
+        after = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
+    finally:
+        stream.close()
+        roles.shutdown()
+    assert "a rollout engine was restarted; weights version 1 pushed" in capsys.readouterr().out
+    # The rebuilt engine sampled with the trained policy, not the SFT weights: its log-probs match the learner's.
+    assert after["step"] == 2 and after["engine_logprob_gap"] < 1e-3, after["engine_logprob_gap"]
+    print(f"recovery: generate took {after['generate_s'] - before['generate_s']:.1f}s longer than before the kill")
 
 
 def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head):

@@ -194,3 +194,19 @@ def test_data_root_from_env_and_key(monkeypatch, tmp_path):
     monkeypatch.setenv("CLINICALGPT_DATA_ROOT", str(tmp_path))
     assert load_config([]).data_root == tmp_path
     assert load_config([f"data.root={tmp_path / 'x'}"]).data_root == tmp_path / "x"
+
+
+@pytest.mark.parametrize("preset, arch", [("bloom-7b", "bloom"), ("qwen2.5-7b", "qwen2")])
+def test_each_presets_lora_targets_exist_in_its_architecture(preset, arch):
+    """LoRA on the attention projections, under the names the model family uses (BLOOM fuses q, k, v)."""
+    from clinicalgpt.config import ModelConfig
+    from clinicalgpt.modeling import build_model
+    from clinicalgpt.tokenizer import train_tokenizer
+    from clinicalgpt.trainer import apply_lora
+    cfg = load_config([f"preset={preset}"])
+    tok = train_tokenizer(["高血压患者可以吃党参吗？"] * 10, vocab_size=300)
+    for lora in (cfg.sft.lora, cfg.ppo.lora):
+        model = apply_lora(build_model(ModelConfig(arch=arch, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                                   intermediate_size=128), tok), lora)
+        adapted = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
+        assert adapted == set(lora.targets), adapted

@@ -1,0 +1,161 @@
+"""Does the Ray Serve endpoint batch? Throughput and p50/p99 latency at 1, 16 and 64 concurrent clients
+against a baseline: the same model behind a plain transformers server that answers one request at a
+time (FastAPI + uvicorn, generate() under a lock), on the same machine in the same run. Both get the
+same conversations (the operator's system prompt included), greedy decoding and the same max_tokens,
+so both produce about the same tokens; throughput is completion tokens per second.
+
+    .venv/bin/python bench/serve_load.py [--clients 1,16,64] [--requests 4] [--max-tokens 64] [key=value ...]
+
+Each level sends clients x --requests requests (at least 8), every client sending its next request when
+the last is answered. Target: ours >= 4x the baseline's throughput at 16 clients.
+Results: runs/<preset>/bench/serve_load.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+import torch
+import uvicorn
+from fastapi import FastAPI
+from ray import serve
+
+from clinicalgpt.config import Config, load_config
+from clinicalgpt.corpus import read_records
+from clinicalgpt.modeling import load_model
+from clinicalgpt.runtime import init_ray
+from clinicalgpt.serving import ChatRules
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TARGET = 4.0
+
+
+def questions(cfg: Config, n: int) -> list[list[dict]]:
+    """n real held-out questions (community QA, valid split) as one-turn chats."""
+    rows = read_records(cfg, ["valid"], ["community_qa"]).take(n)
+    return [[{"role": "user", "content": r["messages"][0]["content"][:200]}] for r in rows]
+
+
+def baseline_app(cfg: Config, path: str) -> FastAPI:
+    """One request at a time: transformers generate() under a lock, the chat checked and completed by the
+    same rules as the endpoint (system prompt first)."""
+    tok, model = load_tokenizer(path, cfg.model.chat_template), load_model(path, cfg.model.dtype).eval()
+    rules, lock, app = ChatRules(cfg.serve, tok, set()), threading.Lock(), FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):  # a plain def: FastAPI runs it in a thread; the lock makes it one at a time
+        ids = torch.tensor([prompt_ids(tok, rules.conversation(body["messages"]))])
+        with lock, torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": tok.decode(new)}}],
+                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new)}}
+
+    return app
+
+
+async def load(url: str, chats: list[list[dict]], clients: int, total: int, max_tokens: int) -> dict:
+    """`clients` concurrent clients sending `total` requests in all, as fast as they are answered."""
+    latencies, tokens, errors, queue = [], 0, 0, list(range(total))
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal tokens, errors
+        while queue:
+            i = queue.pop()
+            body = {"model": "clinicalgpt", "messages": chats[i % len(chats)], "max_tokens": max_tokens,
+                    "temperature": 0}
+            started = time.perf_counter()
+            r = await http.post(f"{url}/v1/chat/completions", json=body)
+            latencies.append(time.perf_counter() - started)
+            if r.status_code == 200:
+                tokens += r.json()["usage"]["completion_tokens"]
+            else:
+                errors += 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    wall = time.perf_counter() - started
+    return {"clients": clients, "requests": total, "errors": errors, "seconds": wall,
+            "tokens_per_s": tokens / wall, "requests_per_s": total / wall,
+            "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99))}
+
+
+def measure(name: str, url: str, chats, levels: list[int], per_client: int, max_tokens: int) -> list[dict]:
+    asyncio.run(load(url, chats, 2, 2, max_tokens))  # warm-up, not measured
+    rows = []
+    for clients in levels:
+        row = {"system": name, **asyncio.run(load(url, chats, clients, max(8, clients * per_client), max_tokens))}
+        print(f"[bench] {name}: {clients} clients, {row['tokens_per_s']:.1f} tok/s, {row['requests_per_s']:.2f} req/s, "
+              f"p50 {row['p50_s']:.2f}s p99 {row['p99_s']:.2f}s, errors {row['errors']}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="1,16,64", help="concurrency levels, comma-separated")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client at each level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("overrides", nargs="*", help="config key=value (serve.model=sft, preset=...)")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    overrides = [*args.overrides, "serve.api_key_env=''", f"serve.max_tokens={args.max_tokens}"]
+    cfg = load_config(overrides)
+    path = cfg.stage_model(cfg.serve.model)
+    os.environ.pop("RAY_ADDRESS", None)  # a local cluster: both servers on the same cores, one after the other
+    init_ray(cfg)
+    chats = questions(cfg, 64)
+
+    from jobs import serve as serve_job
+    ours = measure("ours (Ray Serve + vLLM)", serve_job.main(overrides, port=8431), chats, levels, args.requests,
+                   args.max_tokens)
+    serve.shutdown()
+    ray.shutdown()  # nothing of Ray left competing for the cores while the baseline runs
+
+    server = uvicorn.Server(uvicorn.Config(baseline_app(cfg, path), host="127.0.0.1", port=8432, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.1)
+    base = measure("baseline (transformers, one at a time)", "http://127.0.0.1:8432", chats, levels, args.requests,
+                   args.max_tokens)
+    server.should_exit = True
+    thread.join()
+
+    ratios = {o["clients"]: o["tokens_per_s"] / b["tokens_per_s"] for o, b in zip(ours, base)}
+    setup = (f"Serving load, preset {cfg.preset}, model {path}: greedy, max_tokens {args.max_tokens}, "
+             f"{os.cpu_count()} cores, requests per level max(8, clients x {args.requests}); torch {torch.__version__}")
+    lines = [setup, "", "| system | clients | requests | errors | tok/s | req/s | p50 s | p99 s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['system']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
+              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |" for r in ours + base]
+    lines += ["", "throughput ratio ours/baseline: " + ", ".join(f"{c} clients {x:.2f}x" for c, x in ratios.items())]
+    if 16 in ratios:
+        lines.append(f"target: >= {TARGET}x at 16 clients: {'met' if ratios[16] >= TARGET else 'NOT met'}")
+    md = "\n".join(lines) + "\n"
+    print("\n" + md)
+    out = cfg.run_dir / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(
+        {"setup": setup, "rows": ours + base, "ratios": ratios, "target": TARGET}, indent=2))
+    (out / "serve_load.md").write_text(md)
+    print(f"results -> {out}/serve_load.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The Ray Serve endpoint end to end (jobs/serve.py on the session's SFT model), driven by the official
+openai client and raw HTTP: chat with and without streaming, models, health, API keys, bad requests in
+OpenAI's error shape (none takes the replica down), and a burst of concurrent requests."""
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from clinicalgpt.config import CLINICAL_SYSTEM_PROMPT
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
+from conftest import free_ports, scrape_metrics
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-1"
+QUESTION = [{"role": "user", "content": "高血压患者可以吃党参吗？"}]
+
+
+@pytest.fixture(scope="module")
+def endpoint(trained, tmp_path_factory):
+    from jobs import serve as serve_job
+    cfg, _ = trained
+    keys = tmp_path_factory.mktemp("serve") / "keys"
+    keys.write_text(f"# clients\n{KEY}\n")
+    url = serve_job.main([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", "serve.model=sft",
+                          f"serve.api_key_file={keys}", "serve.max_tokens=32"], port=free_ports(1)[0])
+    yield url, cfg
+    serve.shutdown()
+
+
+def client(url: str, key: str = KEY, cls=openai.OpenAI):
+    return cls(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_chat_streaming_and_not_with_the_openai_client(endpoint):
+    url, cfg = endpoint
+    c = client(url)
+    reply = c.chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=16, temperature=0)
+    choice = reply.choices[0]
+    assert reply.model == "clinicalgpt" and choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length") and 0 < reply.usage.completion_tokens <= 16
+    # The model saw the operator's system prompt before the question, in its own chat template.
+    tok = load_tokenizer(str(cfg.stage_dir("sft") / "final"))
+    system = [{"role": "system", "content": CLINICAL_SYSTEM_PROMPT}]
+    assert reply.usage.prompt_tokens == len(prompt_ids(tok, system + QUESTION))
+
+    chunks = list(c.chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=16, temperature=0,
+                                            stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == choice.message.content
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                      json={"model": "clinicalgpt", "messages": QUESTION, "max_tokens": 4, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert events[0].startswith("data: {") and events[-1] == "data: [DONE]"
+
+
+def test_models_health_and_api_keys(endpoint):
+    url, _ = endpoint
+    assert [m.id for m in client(url).models.list().data] == ["clinicalgpt"]
+    assert client(url).models.retrieve("clinicalgpt").id == "clinicalgpt"
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "clinicalgpt"}  # no key needed
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for method, route in (("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+            r = httpx.request(method, f"{url}{route}", headers=headers, json={"model": "clinicalgpt", "messages": QUESTION})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").chat.completions.create(model="clinicalgpt", messages=QUESTION)
+
+
+BAD = [  # (body, status, words the message must contain)
+    ("{not json", 400, "JSON"),
+    ({"model": "clinicalgpt"}, 400, "messages"),
+    ({"model": "clinicalgpt", "messages": []}, 400, "non-empty"),
+    ({"model": "clinicalgpt", "messages": [{"role": "doctor", "content": "x"}]}, 400, "role"),
+    ({"model": "clinicalgpt", "messages": [{"role": "user", "content": ""}]}, 400, "empty"),
+    ({"model": "clinicalgpt", "messages": QUESTION, "max_tokens": 1000}, 400, "max_tokens"),
+    ({"model": "clinicalgpt", "messages": [{"role": "user", "content": "头痛" * 600}]}, 400, "token limit"),
+    ({"model": "clinicalgpt", "messages": QUESTION, "temperature": 3}, 400, "temperature"),
+    ({"model": "clinicalgpt", "messages": QUESTION, "top_p": 0}, 400, "top_p"),
+    ({"model": "gpt-4", "messages": QUESTION}, 404, "not found"),
+]
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_replica_stays_up(endpoint):
+    url, _ = endpoint
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body, status, words in BAD:
+        kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+        r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, **kwargs)
+        assert r.status_code == status, (body, r.text)
+        assert words in r.json()["error"]["message"], (body, r.text)
+    reply = client(url).chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+
+def test_a_burst_of_concurrent_requests_all_succeed(endpoint):
+    url, _ = endpoint
+
+    async def burst(n: int):
+        c = client(url, cls=openai.AsyncOpenAI)
+        questions = [[{"role": "user", "content": f"第{i}个问题：咳嗽一周了怎么办？"}] for i in range(n)]
+        return await asyncio.gather(*(c.chat.completions.create(model="clinicalgpt", messages=q, max_tokens=16)
+                                      for q in questions))
+
+    replies = asyncio.run(burst(32))
+    assert len(replies) == 32 and all(r.choices[0].message.content is not None for r in replies)
+    assert len({r.id for r in replies}) == 32
+
+
+def test_serve_metrics_count_requests_errors_and_latency(endpoint):
+    """What the Grafana dashboard plots, scraped as Prometheus does, after the requests above."""
+    names = {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
+             "ray_serve_http_request_latency_ms_count"}
+    samples = scrape_metrics(names)
+    assert names <= set(samples), sorted(samples)
+
+    def total(name: str, **labels) -> float:
+        return sum(s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    app = {"application": "clinicalgpt"}
+    assert total("ray_serve_num_http_requests_total", status_code="200", **app) >= 32  # the burst alone
+    assert total("ray_serve_num_http_error_requests_total", error_code="400", **app) >= 9  # the bad requests
+    assert total("ray_serve_num_http_error_requests_total", error_code="401", **app) >= 4
+    assert total("ray_serve_http_request_latency_ms_count", **app) >= 32 + len(BAD)
