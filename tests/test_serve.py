@@ -3,10 +3,13 @@ openai client and raw HTTP: chat with and without streaming, models, health, API
 OpenAI's error shape (none takes the replica down), and a burst of concurrent requests."""
 
 import asyncio
+import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import ray
 from ray import serve
 
 from clinicalgpt.config import CLINICAL_SYSTEM_PROMPT
@@ -107,6 +110,21 @@ def test_a_burst_of_concurrent_requests_all_succeed(endpoint):
     replies = asyncio.run(burst(32))
     assert len(replies) == 32 and all(r.choices[0].message.content is not None for r in replies)
     assert len({r.id for r in replies}) == 32
+
+
+def test_request_bodies_are_not_logged(endpoint):
+    """Bodies may hold patient data: neither an answered nor a refused one reaches any log of the cluster."""
+    url, _ = endpoint
+    marker = "patient-secret-7f3a9c"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body in ({"messages": [{"role": "user", "content": f"{marker} headache"}], "max_tokens": 4},
+                 {"messages": [{"role": "doctor", "content": marker}]},
+                 {"messages": [{"role": "user", "content": marker}], "temperature": 9}):
+        httpx.post(f"{url}/v1/chat/completions", headers=headers, json={"model": "clinicalgpt", **body}, timeout=60)
+    time.sleep(3)  # log lines reach their files
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"  # this cluster's logs
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert files and not [str(p) for p in files if marker.encode() in p.read_bytes()]
 
 
 def test_serve_metrics_count_requests_errors_and_latency(endpoint):
