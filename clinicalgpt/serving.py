@@ -185,17 +185,17 @@ class ClinicalIngress(OpenAiIngress):
 
 def served_model(cfg: Config) -> str:
     """The folder the engine loads: a stage's model or a path; with serve.adapter, the adapter merged onto
-    it (once, under runs/<preset>/serve/), as vLLM's BLOOM takes no LoRA."""
+    it under runs/<preset>/serve/ (merged again at every deploy, so a retrained adapter is never served
+    stale), as vLLM's BLOOM takes no LoRA."""
     base = cfg.stage_model(cfg.serve.model)
     if not cfg.serve.adapter:
         return base
+    from peft import PeftModel
+    from .modeling import load_model
+    from .trainer import export_hf
     adapter = Path(cfg.serve.adapter).resolve()
     out = cfg.stage_dir("serve") / f"merged-{adapter.name}"
-    if not (out / "config.json").exists() or (out / "config.json").stat().st_mtime < adapter.stat().st_mtime:
-        from peft import PeftModel
-        from .modeling import load_model
-        from .trainer import export_hf
-        export_hf(PeftModel.from_pretrained(load_model(base, cfg.model.dtype), str(adapter)), cfg, out)
+    export_hf(PeftModel.from_pretrained(load_model(base, cfg.model.dtype), str(adapter)), cfg, out)
     return str(out)
 
 
