@@ -190,6 +190,9 @@ class PPOConfig:
     # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
     rollout_memory_fraction: float = 0.2
     rollout_restarts: int = 3  # a rollout engine that dies is rebuilt, and given the current weights, this many times
+    # Other role deaths (a learner rank, the reference, the reward model) survived by restarting all the
+    # roles from the last checkpoint, in the running job.
+    max_failures: int = 3
     forward_rows: int = 16  # rows per forward pass when scoring (reference, reward, old log-probs), grouped by length
     checkpoint_every: int = 10
     eval_every: int = 10

@@ -130,6 +130,7 @@ def train_loop(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
                                                    config=deepspeed_config(tc, world, total_steps))
+    eval_batch = _to_tensors(config["eval_rows"]) if config["eval_rows"] is not None else None
     step, rows_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -142,15 +143,17 @@ def train_loop(config: dict) -> None:
                                    load_optimizer_states=same_world, load_lr_scheduler_states=same_world)
         step, rows_seen = state["step"], state["rows_seen"]
         if not same_world:
-            scheduler.step(step)  # the schedule goes on from the restored step
+            scheduler.step(step - 1)  # the schedule goes on from the restored step (as after `step` steps)
+        held_out = ""
+        if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
+            held_out = f", held-out loss {_evaluate(engine, task, eval_batch, tc.micro_batch):.4f}"
         if rank == 0:
             note = "" if same_world else f" (saved by {state['world']}: weights restored, optimizer state reset)"
-            print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}", flush=True)
+            print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}{held_out}", flush=True)
 
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
     history = (out_dir / "history.jsonl").open("a", buffering=1) if rank == 0 else None
     metrics = _ray_metrics(task.name)
-    eval_batch = _to_tensors(config["eval_rows"]) if config["eval_rows"] is not None else None
     shard = ray.train.get_dataset_shard("train")
     # Rows this worker skips on resume (its share of what the run had consumed), so data is not repeated.
     skip_rows = rows_seen // world

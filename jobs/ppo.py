@@ -12,7 +12,8 @@ PPO-clip and clipped value losses over several epochs of minibatches on the lear
 policy weights pushed into the rollout engines through the object store -> metrics.
 
 Needs runs/<preset>/sft/final (the policy and reference) and, for ppo.reward=model, rm/final (the
-reward, and the critic's starting point). A rerun resumes from the last checkpoint in ppo/checkpoints.
+reward, and the critic's starting point). A rerun resumes from the last checkpoint in ppo/checkpoints; so does
+the running job when a role dies (up to ppo.max_failures times; rollout engines restart on their own).
 Output: ppo/final (merged HF policy) and ppo/adapter (LoRA), history.jsonl, tensorboard, summary.json/md.
 """
 
@@ -122,7 +123,11 @@ class Roles:
     weights_version: int = 0
 
     def shutdown(self) -> None:
-        ray.get([r.shutdown.remote() for r in self.rollout])
+        for engine in self.rollout:
+            try:
+                ray.get(engine.shutdown.remote())
+            except ray.exceptions.RayActorError:  # already gone
+                pass
         for actor in self.rollout + self.reference + self.reward + self.learners.ranks:
             ray.kill(actor)
         for group in self.groups:
@@ -283,6 +288,35 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def resume(cfg: Config, roles: Roles, ckpt_dir: Path) -> tuple[int, int, rl.FixedKL]:
+    """Load the last checkpoint into fresh roles: (step, prompts consumed, KL controller); a fresh start
+    without one."""
+    pc = cfg.ppo
+    kl_ctl = rl.kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    last = latest_checkpoint(ckpt_dir)
+    if last is None:
+        return 0, 0, kl_ctl
+    state = json.loads((last / "controller.json").read_text())
+    roles.learners.call("load", str(last))
+    push_weights(roles)
+    kl_ctl.beta = state["beta"]
+    print(f"[ppo] resumed from {last.name}: step {state['step']}, {state['consumed']} prompts consumed", flush=True)
+    return state["step"], state["consumed"], kl_ctl
+
+
+def dead_actors(roles: Roles) -> list:
+    """The role actors that are gone (a dead learner rank takes its peers' collectives down with it)."""
+    dead = []
+    for actor in roles.rollout + roles.reference + roles.reward + roles.learners.ranks:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            dead.append(actor)
+        except ray.exceptions.GetTimeoutError:  # busy or hung, but there
+            pass
+    return dead
+
+
 def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
     """(policy, reward model, critic) paths, or a message saying what to run first."""
     pc = cfg.ppo
@@ -330,14 +364,7 @@ def main(argv: list[str]) -> dict:
 
     started = time.time()
     roles = start_roles(cfg, policy, reward_model, critic)
-    step, consumed, kl_ctl = 0, 0, rl.kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
-    resume = latest_checkpoint(ckpt_dir)
-    if resume:
-        state = json.loads((resume / "controller.json").read_text())
-        roles.learners.call("load", str(resume))
-        push_weights(roles)
-        step, consumed, kl_ctl.beta = state["step"], state["consumed"], state["beta"]
-        print(f"[ppo] resumed from {resume.name}: step {step}, {consumed} prompts consumed", flush=True)
+    step, consumed, kl_ctl = resume(cfg, roles, ckpt_dir)
     print(f"[ppo] roles up in {time.time() - started:.1f}s: {pc.rollout.num} rollout, {pc.reference.num} reference, "
           f"{pc.reward_model.num} reward, {pc.learner.num} learner rank(s); reward {pc.reward}, "
           f"advantage {pc.advantage}", flush=True)
@@ -348,16 +375,31 @@ def main(argv: list[str]) -> dict:
     log = Log(cfg, out)
     if step == 0:
         log.write({"step": 0, **evaluate_held_out(roles, cfg, eval_prompts)})
+    failures = 0
     while step < pc.steps:
-        row = ppo_step(cfg, roles, stream.take(pc.prompts_per_step), kl_ctl.beta, step)
-        step = row["step"]
-        kl_ctl.update(row["kl"], pc.prompts_per_step * pc.samples_per_prompt)
-        row["skipped_long_prompts"] = stream.skipped_long
-        if step % pc.eval_every == 0 or step == pc.steps:
-            row.update(evaluate_held_out(roles, cfg, eval_prompts))
-        log.write(row)
-        if step % pc.checkpoint_every == 0 or step == pc.steps:
-            save_checkpoint(ckpt_dir, roles, {"step": step, "consumed": stream.consumed, "beta": kl_ctl.beta})
+        try:
+            row = ppo_step(cfg, roles, stream.take(pc.prompts_per_step), kl_ctl.beta, step)
+            kl_ctl.update(row["kl"], pc.prompts_per_step * pc.samples_per_prompt)
+            row["skipped_long_prompts"] = stream.skipped_long
+            if row["step"] % pc.eval_every == 0 or row["step"] == pc.steps:
+                row.update(evaluate_held_out(roles, cfg, eval_prompts))
+            log.write(row)
+            step = row["step"]
+            if step % pc.checkpoint_every == 0 or step == pc.steps:
+                save_checkpoint(ckpt_dir, roles, {"step": step, "consumed": stream.consumed, "beta": kl_ctl.beta})
+        except ray.exceptions.RayError:
+            failed = time.time()
+            if failures == pc.max_failures or not dead_actors(roles):
+                raise
+            failures += 1
+            print(f"[ppo] a role died during step {step + 1} (failure {failures} of {pc.max_failures} allowed): "
+                  "restarting the roles from the last checkpoint", flush=True)
+            roles.shutdown()
+            stream.close()
+            roles = start_roles(cfg, policy, reward_model, critic)
+            step, consumed, kl_ctl = resume(cfg, roles, ckpt_dir)
+            stream = PromptStream(cfg, consumed)
+            print(f"[ppo] recovered in {time.time() - failed:.1f}s: training goes on from step {step + 1}", flush=True)
 
     stream.close()
     roles.learners.call("export", str(out / "final"))

@@ -122,18 +122,22 @@ def submit_job(ray_head, cwd: Path, *command: str) -> str:
         time.sleep(5)
 
 
-def scrape_metrics(names: set[str], timeout: float = 60) -> dict[str, list]:
-    """Prometheus samples of the given metrics, read from every node's metrics endpoint as Prometheus
-    would (monitoring/prometheus.yml) and polled until all appear (Ray exports every few seconds):
-    name -> [Sample(name, labels, value), ...]."""
+def scrape_metrics(names: set[str], endpoints: list[str] | None = None, timeout: float = 60) -> dict[str, list]:
+    """Prometheus samples of the given metrics, read from every node's metrics endpoint (host:port; by
+    default those of the connected cluster) as Prometheus would (monitoring/prometheus.yml) and polled
+    until all appear (Ray exports every few seconds): name -> [Sample(name, labels, value), ...]."""
     import httpx
     import ray
     from prometheus_client.parser import text_string_to_metric_families
+    endpoints = endpoints or [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()]
     deadline, found = time.time() + timeout, {}
     while time.time() < deadline:
         found = {}
-        for node in ray.nodes():
-            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+        for endpoint in endpoints:
+            try:
+                text = httpx.get(f"http://{endpoint}/metrics", timeout=10).text
+            except httpx.TransportError:  # a node that is down, as Prometheus marks a target
+                continue
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     if sample.name in names:

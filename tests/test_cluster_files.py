@@ -68,14 +68,15 @@ def test_prometheus_discovers_ray_nodes_from_rays_file():
 
 
 def test_the_grafana_dashboard_plots_only_metrics_the_project_exports():
-    """Every series it queries is one the training stages, PPO or Serve export (the scrape tests in
-    test_ppo.py and test_serve.py read those from a live cluster)."""
+    """Every series it queries is one the training stages, PPO, Ray Data or Serve export (the scrape
+    tests in test_training.py, test_ppo.py and test_serve.py read those from a live cluster)."""
     import json
     from clinicalgpt.trainer import METRICS as TRAIN_METRICS
     from jobs.ppo import METRICS as PPO_METRICS
     exported = ({f"ray_clinicalgpt_train_{m}" for m in TRAIN_METRICS} | {f"ray_clinicalgpt_ppo_{m}" for m in PPO_METRICS}
                 | {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
-                   "ray_serve_http_request_latency_ms_bucket"})
+                   "ray_serve_http_request_latency_ms_bucket", "ray_serve_deployment_queued_queries",
+                   "ray_data_operator_queued_blocks"})
     dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     queried = {name for e in exprs for name in re.findall(r"\bray_[a-z_]+", e)}

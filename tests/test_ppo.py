@@ -1,8 +1,11 @@
 """PPO with Ray actor roles on the real prompts: a verifiable reward is learned with bounded KL, a rerun
 resumes from the last checkpoint, the rollout engine decodes exactly like the learner after a weight
-push, and the job runs under `ray job submit`."""
+push, killed roles are recovered (a rollout engine in place, a learner rank from the last checkpoint),
+and the job runs under `ray job submit`."""
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,34 @@ def test_a_killed_rollout_engine_is_restarted_with_the_current_weights(trained, 
     # The rebuilt engine sampled with the trained policy, not the SFT weights: its log-probs match the learner's.
     assert after["step"] == 2 and after["engine_logprob_gap"] < 1e-3, after["engine_logprob_gap"]
     print(f"recovery: generate took {after['generate_s'] - before['generate_s']:.1f}s longer than before the kill")
+
+
+def test_a_killed_learner_rank_resumes_the_job_from_its_last_checkpoint(trained, tmp_path, capsys):
+    from jobs import ppo
+    cfg, _ = trained
+    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft"))
+    trained_steps = load_config([f"run_root={run_root}"]).stage_dir("ppo") / "history.jsonl"
+    killed = []
+
+    def kill_a_learner_after_step_4():
+        while sum('"reward"' in line for line in (trained_steps.read_text().splitlines()
+                                                  if trained_steps.exists() else [])) < 4:
+            time.sleep(0.2)
+        killed.append(time.time())
+        ray.kill(ray.get_actor("learner-1"))  # as if its process or node died, during step 5
+
+    threading.Thread(target=kill_a_learner_after_step_4, daemon=True).start()
+    summary = ppo.main(ppo_args(run_root, cfg, 6, "ppo.checkpoint_every=3"))
+    out = capsys.readouterr().out
+    assert killed and "restarting the roles from the last checkpoint" in out, out[-3000:]
+    assert "resumed from step_000003: step 3" in out
+    rows = [r for r in history(load_config([f"run_root={run_root}"]), "ppo") if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6], rows  # redone from the step-3 checkpoint
+    # The same weights, data position and seeds as before the failure: step 4 is redone exactly.
+    assert rows[4]["reward"] == rows[3]["reward"] and rows[4]["kl"] == pytest.approx(rows[3]["kl"], abs=1e-4)
+    assert summary["steps"] == 6
+    recovered = float(out.split("[ppo] recovered in ")[1].split("s")[0])
+    print(f"recovery: {recovered:.1f}s from the failure to training again")
 
 
 def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head):

@@ -130,7 +130,7 @@ def test_request_bodies_are_not_logged(endpoint):
 def test_serve_metrics_count_requests_errors_and_latency(endpoint):
     """What the Grafana dashboard plots, scraped as Prometheus does, after the requests above."""
     names = {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
-             "ray_serve_http_request_latency_ms_count"}
+             "ray_serve_http_request_latency_ms_count", "ray_serve_deployment_queued_queries"}
     samples = scrape_metrics(names)
     assert names <= set(samples), sorted(samples)
 
@@ -142,3 +142,4 @@ def test_serve_metrics_count_requests_errors_and_latency(endpoint):
     assert total("ray_serve_num_http_error_requests_total", error_code="400", **app) >= 9  # the bad requests
     assert total("ray_serve_num_http_error_requests_total", error_code="401", **app) >= 4
     assert total("ray_serve_http_request_latency_ms_count", **app) >= 32 + len(BAD)
+    assert total("ray_serve_deployment_queued_queries", **app) == 0  # the queue depth: empty, all answered

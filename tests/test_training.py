@@ -1,11 +1,13 @@
 """Training stages on Ray Train + DeepSpeed ZeRO-2 with the real corpora: held-out losses fall, the
 exports load in Hugging Face format, a rerun after an interrupted job resumes instead of restarting, a
-killed worker is replaced, and a stage runs under `ray job submit`."""
+killed worker is replaced, a run across two nodes survives losing one, and a stage runs under
+`ray job submit`."""
 
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,9 +16,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from clinicalgpt.config import load_config
-from conftest import REPO, history, isolated_run, stage_args, submit_job
+from conftest import REPO, history, isolated_run, scrape_metrics, stage_args, submit_job
 
 pytestmark = pytest.mark.slow
+TRAIN_METRICS = {"ray_clinicalgpt_train_loss", "ray_clinicalgpt_train_tokens_per_s", "ray_clinicalgpt_train_step",
+                 "ray_data_operator_queued_blocks"}
 
 
 def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
@@ -100,6 +104,61 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from step 8 on 1 worker(s) (saved by 2" in done.stdout + done.stderr
     assert [h["step"] for h in history(run, "pretrain")][-2:] == [9, 10]
+
+
+def test_sft_across_two_nodes_goes_on_from_its_last_checkpoint_when_a_node_is_removed(trained, tmp_path):
+    from ray.cluster_utils import Cluster
+    cfg, _ = trained
+    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "pretrain"))
+    # Three Ray nodes on this machine: the head (driver, Train controller, Ray Data) and two worker nodes
+    # that fit one 2.5-CPU training worker each (the head fits none), so the two ranks run on different nodes.
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    nodes = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    argv = [f"run_root={run_root}", f"data.root={cfg.data_root}", f"ray.address={cluster.address}"] + stage_args(
+        "sft", 16, checkpoint_every=3, eval_every=3, min_workers=1, num_workers=2, cpus_per_worker=2.5)
+    run = load_config(argv)
+    path, log = run.stage_dir("sft") / "history.jsonl", tmp_path / "sft.log"
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sft.py"), *argv],
+                                    env={**os.environ, "RAY_ADDRESS": ""}, stdout=out, stderr=subprocess.STDOUT)
+        # Meanwhile the nodes' metrics endpoints serve the training gauges and Ray Data's queue depths.
+        endpoints = [f"{n.node_ip_address}:{n.metrics_export_port}" for n in cluster.list_all_nodes()]
+        scraped = {}
+        scraper = threading.Thread(target=lambda: scraped.update(scrape_metrics(TRAIN_METRICS, endpoints, 300)))
+        wait_for_steps(path, 2, proc)
+        scraper.start()
+        wait_for_steps(path, 5, proc)
+        removed_after = len(path.read_text().splitlines())
+        cluster.remove_node(nodes[1], allow_graceful=False)  # a node lost mid-run, with its training worker
+        removed_at = time.time()
+        wait_for_steps(path, removed_after + 1, proc, timeout=600)
+        recovery = time.time() - removed_at
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        scraper.join()
+    finally:
+        proc.kill()
+        cluster.shutdown()
+    rows = history(run, "sft")
+    steps = [r["step"] for r in rows]
+    resumed_at = steps[removed_after]
+    # Resumed right after a checkpoint no more than one interval back, never from the start; then finished.
+    assert (resumed_at - 1) % 3 == 0 and removed_after - 3 < resumed_at <= removed_after + 1, steps
+    assert steps[-1] == 16 and (run.stage_dir("sft") / "final" / "config.json").exists()
+    first_time = {r["step"]: r["lr"] for r in rows[:removed_after]}  # the schedule goes on where it was
+    assert all(r["lr"] == pytest.approx(first_time[r["step"]]) for r in rows[removed_after:] if r["step"] in first_time)
+    # One worker took over with the checkpoint's weights: their held-out loss is the one logged at that step.
+    text = log.read_text()
+    restored = float(text.split(f"resumed from step {resumed_at - 1} on 1 worker(s)")[1].split("held-out loss ")[1][:6])
+    logged = next(r["eval_loss"] for r in rows if r["step"] == resumed_at - 1)
+    assert restored == pytest.approx(logged, abs=1e-3), (restored, logged)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"], [r.get("eval_loss") for r in rows]
+    assert TRAIN_METRICS <= set(scraped), sorted(scraped)
+    assert {s.labels["stage"] for s in scraped["ray_clinicalgpt_train_loss"]} == {"sft"}
+    assert 1 <= max(s.value for s in scraped["ray_clinicalgpt_train_step"]) <= 16
+    assert all(0 < s.value < 20 for s in scraped["ray_clinicalgpt_train_loss"])
+    assert all(s.value > 0 for s in scraped["ray_clinicalgpt_train_tokens_per_s"])
+    print(f"recovery: {recovery:.1f}s from the node's removal to the next step; resumed at step {resumed_at}")
 
 
 def test_a_stage_runs_under_ray_job_submit(built, tmp_path, ray_head):
