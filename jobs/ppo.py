@@ -348,9 +348,9 @@ def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
         raise SystemExit(f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs; PPO needs {need:g} "
                          "(its roles plus 1.5 for the prompt stream): start it with more, e.g. "
                          "`ray start --head --num-cpus=4` (logical CPUs may exceed the cores), or give roles fewer")
-    critic = None
-    if pc.advantage == "gae":  # the critic starts from the reward model, else from the SFT model with a new head
-        critic = str(rm if (rm / "config.json").exists() else policy)
+    # The critic starts from the reward model it learns to predict; under a rule reward the RM's scores mean
+    # nothing, so from the SFT model with a new, zeroed head (advantages start as the whitened returns).
+    critic = None if pc.advantage != "gae" else str(rm if kind == "model" else policy)
     return str(policy), str(rm if kind == "model" else policy), critic
 
 
