@@ -28,7 +28,9 @@ def main(argv: list[str]) -> dict:
     init_ray(cfg)
     tc, out = cfg.rm, cfg.stage_dir("rm")
     pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
-    train = pairs.filter(lambda r: r["split"] == "train").random_shuffle(seed=tc.seed)  # sources are in blocks
+    train = pairs.filter(lambda r: r["split"] == "train")
+    trained_on = {r["source"]: r["count()"] for r in train.groupby("source").count().take_all()}
+    train = train.random_shuffle(seed=tc.seed)  # sources are in blocks
     test = pairs.filter(lambda r: r["split"] == "test")
     eval_rows = take_rows(tokenized_pairs(cfg, test.random_shuffle(seed=tc.seed)), tc.eval_rows)
     pad_id = load_tokenizer(cfg.model_path).pad_token_id
@@ -38,12 +40,15 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(f"[rm] training failed: {result.error}")
 
     accuracy = pairwise_accuracy(cfg, str(out / "final"), test)
+    for name, row in accuracy["per_source"].items():
+        row["train_pairs"] = trained_on.get(name, 0)
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))
     lines = ["# Reward model: held-out pairwise accuracy", "",
-             "| source | pairs | accuracy | longer-reply baseline |", "|---|---|---|---|"]
-    lines += [f"| {s} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} |"
+             "| source | trained on | held-out pairs | accuracy | longer-reply baseline |", "|---|---|---|---|---|"]
+    lines += [f"| {s} | {v['train_pairs']} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} |"
               for s, v in accuracy["per_source"].items()]
-    lines += [f"| **overall** | {accuracy['pairs']} | **{accuracy['overall']:.3f}** | {accuracy['length_baseline']:.3f} |"]
+    lines += [f"| **overall** | {sum(trained_on.values())} | {accuracy['pairs']} | **{accuracy['overall']:.3f}** | "
+              f"{accuracy['length_baseline']:.3f} |"]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     summary = {**summarize_history(out / "history.jsonl"), "accuracy": accuracy["overall"], "model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

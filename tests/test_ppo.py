@@ -59,11 +59,22 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tm
 
 
 def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
-    from jobs.ppo import latest_checkpoint
-    (tmp_path / "step_000005").mkdir()
-    (tmp_path / "step_000005" / "controller.json").write_text("{}")
-    (tmp_path / "step_000010.tmp").mkdir()  # a crash while writing step 10
+    from types import SimpleNamespace
+    from jobs.ppo import latest_checkpoint, save_checkpoint
+
+    def learners_that_die_while_saving(method, folder):
+        (Path(folder) / "policy").mkdir(parents=True)
+        (Path(folder) / "policy" / "shard.pt").write_bytes(b"half")
+        raise ray.exceptions.RayActorError()
+
+    good = SimpleNamespace(learners=SimpleNamespace(call=lambda method, folder: Path(folder).mkdir(parents=True)))
+    save_checkpoint(tmp_path, good, {"step": 5})
+    with pytest.raises(ray.exceptions.RayActorError):  # a learner died while writing step 10's shards
+        save_checkpoint(tmp_path, SimpleNamespace(learners=SimpleNamespace(call=learners_that_die_while_saving)),
+                        {"step": 10})
+    assert (tmp_path / "step_000010.tmp").exists()
     assert latest_checkpoint(tmp_path).name == "step_000005"
+    assert json.loads((latest_checkpoint(tmp_path) / "controller.json").read_text()) == {"step": 5}
 
 
 def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained):

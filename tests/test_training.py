@@ -41,6 +41,10 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     assert {"constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option",
             "pulse_eval/WebMedQA"} <= set(accuracy["per_source"])
     assert sum(v["pairs"] for v in accuracy["per_source"].values()) == accuracy["pairs"]
+    # What it trained on, per source: the held-out pairs are about a twentieth of each constructed kind.
+    for source in ("constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option"):
+        row = accuracy["per_source"][source]
+        assert 8 < row["train_pairs"] / row["pairs"] < 40, (source, row)
     assert "longer-reply baseline" in (cfg.stage_dir("rm") / "accuracy.md").read_text()
     scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
