@@ -122,10 +122,12 @@ def submit_job(ray_head, cwd: Path, *command: str) -> str:
         time.sleep(5)
 
 
-def scrape_metrics(names: set[str], endpoints: list[str] | None = None, timeout: float = 60) -> dict[str, list]:
+def scrape_metrics(names: set[str], endpoints: list[str] | None = None, timeout: float = 60,
+                   ready=lambda found: True) -> dict[str, list]:
     """Prometheus samples of the given metrics, read from every node's metrics endpoint (host:port; by
     default those of the connected cluster) as Prometheus would (monitoring/prometheus.yml) and polled
-    until all appear (Ray exports every few seconds): name -> [Sample(name, labels, value), ...]."""
+    until all appear and ready(samples) holds (Ray exports every few seconds, so a value can lag):
+    name -> [Sample(name, labels, value), ...]."""
     import httpx
     import ray
     from prometheus_client.parser import text_string_to_metric_families
@@ -142,7 +144,7 @@ def scrape_metrics(names: set[str], endpoints: list[str] | None = None, timeout:
                 for sample in family.samples:
                     if sample.name in names:
                         found.setdefault(sample.name, []).append(sample)
-        if names <= set(found):
+        if names <= set(found) and ready(found):
             break
         time.sleep(2)
     return found

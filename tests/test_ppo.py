@@ -45,7 +45,7 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tm
     assert AutoModelForCausalLM.from_pretrained(summary["model"])  # the merged policy, HF format
     # The run's metrics reach Prometheus through the node's metrics endpoint, with the last step's values.
     names = {f"ray_clinicalgpt_ppo_{k}" for k in ("step", "reward", "kl", "generate_s", "train_s", "sync_s")}
-    samples = scrape_metrics(names)
+    samples = scrape_metrics(names, ready=lambda found: max(s.value for s in found["ray_clinicalgpt_ppo_step"]) == 20)
     assert names <= set(samples), sorted(samples)
     assert max(s.value for s in samples["ray_clinicalgpt_ppo_step"]) == 20
     assert rows[-1]["reward"] in [s.value for s in samples["ray_clinicalgpt_ppo_reward"]]
