@@ -144,10 +144,10 @@ def train_loop(config: dict) -> None:
         step, rows_seen = state["step"], state["rows_seen"]
         if not same_world:
             scheduler.step(step - 1)  # the schedule goes on from the restored step (as after `step` steps)
-        held_out = ""
-        if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
-            held_out = f", held-out loss {_evaluate(engine, task, eval_batch, tc.micro_batch):.4f}"
         if rank == 0:
+            held_out = ""
+            if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
+                held_out = f", held-out loss {_evaluate(engine, task, eval_batch, tc.micro_batch):.4f}"
             note = "" if same_world else f" (saved by {state['world']}: weights restored, optimizer state reset)"
             print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}{held_out}", flush=True)
 

@@ -306,14 +306,16 @@ def resume(cfg: Config, roles: Roles, ckpt_dir: Path) -> tuple[int, int, rl.Fixe
 
 def dead_actors(roles: Roles) -> list:
     """The role actors that are gone (a dead learner rank takes its peers' collectives down with it)."""
+    actors = roles.rollout + roles.reference + roles.reward + roles.learners.ranks
+    pings = [a.__ray_ready__.remote() for a in actors]
+    answered, _ = ray.wait(pings, num_returns=len(pings), timeout=60)  # the silent ones are busy or hung, but there
     dead = []
-    for actor in roles.rollout + roles.reference + roles.reward + roles.learners.ranks:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=60)
-        except ray.exceptions.RayActorError:
-            dead.append(actor)
-        except ray.exceptions.GetTimeoutError:  # busy or hung, but there
-            pass
+    for actor, ping in zip(actors, pings):
+        if ping in answered:
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError:
+                dead.append(actor)
     return dead
 
 

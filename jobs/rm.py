@@ -28,7 +28,7 @@ def main(argv: list[str]) -> dict:
     init_ray(cfg)
     tc, out = cfg.rm, cfg.stage_dir("rm")
     pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
-    train = pairs.filter(lambda r: r["split"] == "train")
+    train = pairs.filter(lambda r: r["split"] == "train").materialize()  # counted twice below
     trained_on = {r["source"]: r["count()"] for r in train.groupby("source").count().take_all()}
     train = train.random_shuffle(seed=tc.seed)  # sources are in blocks
     test = pairs.filter(lambda r: r["split"] == "test")
