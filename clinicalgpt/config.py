@@ -189,6 +189,10 @@ class PPOConfig:
     # vLLM's gpu_memory_utilization: the share of a GPU's memory for weights and KV cache; on CPU the share
     # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
     rollout_memory_fraction: float = 0.2
+    # How new policy weights reach the rollout engines: object_store (through Ray, on any hardware) or nccl
+    # (vLLM's weight transfer: a broadcast from learner rank 0 into each engine, GPU to GPU, which needs whole
+    # GPUs for both roles: NCCL cannot join two processes on one GPU); auto: nccl where it can run.
+    weight_sync: str = "auto"
     rollout_restarts: int = 3  # a rollout engine that dies is rebuilt, and given the current weights, this many times
     # Other role deaths (a learner rank, the reference, the reward model) survived by restarting all the
     # roles from the last checkpoint, in the running job.
@@ -277,7 +281,7 @@ class Config:
         lr=2e-3, global_batch=16, micro_batch=8, max_steps=60, eval_every=15, checkpoint_every=30,
         task_fractions={"kg_qa": 0.1}, lora=LoraSettings()))
     rm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=3e-4, global_batch=16, micro_batch=8, max_steps=300, eval_every=50, checkpoint_every=100, log_every=10))
+        lr=2e-4, global_batch=16, micro_batch=8, max_steps=600, eval_every=100, checkpoint_every=100, log_every=10))
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -22,12 +22,17 @@ from .records import hash_fraction
 from .trainer import Task, apply_lora, export_hf
 
 CONSTRUCTED_TEST_FRACTION = 0.05
-# Share of KG records turned into each kind of swap pair: ~5k each of the 250k, so the AI-judged
-# preference pairs (3.5k) and the exam pairs (~9k) are not drowned out.
+# Shares of KG records (250k) turned into each kind of swap pair and of exam records (9k) turned into wrong
+# option pairs: about 3.5k pairs of each kind, as many as the AI-judged preference pairs, so no one kind
+# drowns out the others in training or in the overall held-out accuracy.
 KG_PAIR_FRACTION = 0.02
+EXAM_PAIR_FRACTION = 0.4
 # Relation kinds whose answers are estimates (cure rate, cost, duration, prevalence, insurance, yes/no):
 # another disease's value is often not wrong, so they make no factual-error pairs.
 ESTIMATE_KINDS = {"cure_rate", "cost", "treat_cycle", "prevalence", "insurance", "infectious"}
+# The graphs' food lists are near-arbitrary picks of common foods: another disease's list is no factual
+# error, so they make no same-kind swaps (listing drugs as foods still is a wrong-kind pair).
+ARBITRARY_KINDS = {"good_food", "avoid_food", "recipe"}
 
 
 def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: int) -> pa.Table:
@@ -50,6 +55,8 @@ def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: in
 
     for i, (r, meta) in enumerate(kg):
         for source, same_kind in (("constructed/kg_swap", True), ("constructed/kg_wrong_kind", False)):
+            if same_kind and meta["kind"] in ARBITRARY_KINDS:
+                continue
             if hash_fraction(source, str(seed), r["id"]) >= KG_PAIR_FRACTION:
                 continue
             # The donor: the next record (of the same kind, or of another) sharing no object with this one.
@@ -61,7 +68,7 @@ def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: in
                                        seed=seed, en_fraction=kg_en_fraction, cap=cap)
             add(r["messages"][0]["content"], r["messages"][-1]["content"], rejected, source, r["id"])
     for r in batch.to_pylist():
-        if r["task"] != "exam":
+        if r["task"] != "exam" or hash_fraction("constructed/exam", str(seed), r["id"]) >= EXAM_PAIR_FRACTION:
             continue
         meta = json.loads(r["meta"])
         wrong = sorted(set(meta["options"]) - set(meta["answer"]))
@@ -131,6 +138,18 @@ def tokenized_pairs(cfg: Config, pairs: ray.data.Dataset) -> ray.data.Dataset:
         batch_format="pyarrow", batch_size=256, concurrency=(1, 2), num_cpus=0.5)
 
 
+def length_groups(batch: dict[str, np.ndarray], micro_batch: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Ray Data map over windows of shuffled pairs: sorted by length and cut into micro-batches, in a random
+    order. A micro-batch then holds pairs of about one length, so scores() trims most of the padding
+    (short KG pairs no longer wait on a long preference pair), while the kinds still mix across steps."""
+    lengths = np.maximum((batch["chosen_ids"] != pad_id).sum(1), (batch["rejected_ids"] != pad_id).sum(1))
+    order = np.argsort(lengths, kind="stable")
+    chunks = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+    rng = np.random.default_rng(int(lengths.sum()))  # seeded by the window's content: reruns see the same order
+    order = np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
+    return {k: v[order] for k, v in batch.items()}
+
+
 def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Reward per sequence; trailing all-pad columns are cut first (they cost compute, change nothing)."""
     width = int((ids != pad_id).sum(1).max())
@@ -139,6 +158,7 @@ def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 class RewardTask(Task):
     name = "rm"
+    shuffle_rows = False  # its stream comes shuffled, then grouped by length (length_groups)
 
     def __init__(self, source: str, pad_id: int):
         self.source, self.pad_id = source, pad_id

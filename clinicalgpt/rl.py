@@ -134,12 +134,15 @@ class AdaptiveKL(FixedKL):
         self.beta *= 1 + error * n_steps / self.horizon
 
 
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
 def kl_controller(kind: str, beta: float, target: float, horizon: int) -> FixedKL:
     if kind == "fixed":
         return FixedKL(beta)
     if kind == "adaptive":
         return AdaptiveKL(beta, target, horizon)
-    raise ValueError(f"unknown KL controller {kind!r} (fixed, adaptive)")
+    raise ValueError(f"unknown KL controller {kind!r} ({', '.join(KL_CONTROLLERS)})")
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

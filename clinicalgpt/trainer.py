@@ -33,6 +33,7 @@ class Task:
     """What differs between stages: the model and the loss. Methods run inside the workers."""
 
     name = "task"
+    shuffle_rows = True  # False: the stream's row order is kept (it comes grouped, e.g. by length)
 
     def build_model(self, cfg: Config, tc: TrainConfig) -> torch.nn.Module:
         raise NotImplementedError
@@ -162,7 +163,7 @@ def train_loop(config: dict) -> None:
     done = step >= total_steps
     while not done:
         for np_batch in shard.iter_batches(batch_size=tc.micro_batch, batch_format="numpy", drop_last=True,
-                                           local_shuffle_buffer_size=tc.micro_batch * 32):
+                                           local_shuffle_buffer_size=tc.micro_batch * 32 if task.shuffle_rows else None):
             if skip_rows > 0:
                 skip_rows -= tc.micro_batch
                 continue

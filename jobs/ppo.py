@@ -9,7 +9,8 @@ One step: prompts (Ray Data) -> the rollout engines generate n responses per pro
 reference log-probs, rewards, and the policy's own log-probs and values -> token-level rewards (the
 score on the last token minus beta * KL per token) -> advantages (GAE, whitened; or GRPO / RLOO) ->
 PPO-clip and clipped value losses over several epochs of minibatches on the learners -> the merged
-policy weights pushed into the rollout engines through the object store -> metrics.
+policy weights pushed into the rollout engines (through the object store, or an NCCL broadcast between
+GPUs: ppo.weight_sync) -> metrics.
 
 Needs runs/<preset>/sft/final (the policy and reference) and, for ppo.reward=model, rm/final (the
 reward, and the critic's starting point). A rerun resumes from the last checkpoint in ppo/checkpoints; so does
@@ -119,6 +120,7 @@ class Roles:
     learners: LearnerGroup
     groups: list
     pad_id: int
+    weight_sync: str  # object_store | nccl
     weights: object = None  # the policy weights pushed last (an ObjectRef), for engines that restart
     weights_version: int = 0
 
@@ -134,19 +136,38 @@ class Roles:
             ray.util.remove_placement_group(group)
 
 
+def weight_sync_mode(cfg: Config) -> str:
+    """ppo.weight_sync resolved: nccl needs whole GPUs for the rollout and learner roles."""
+    pc = cfg.ppo
+    whole_gpus = pc.rollout.gpus >= 1 and pc.learner.gpus >= 1
+    if pc.weight_sync == "auto":
+        return "nccl" if whole_gpus else "object_store"
+    if pc.weight_sync not in ("object_store", "nccl"):
+        raise SystemExit(f"ppo.weight_sync={pc.weight_sync!r}: one of auto, object_store, nccl")
+    if pc.weight_sync == "nccl" and not whole_gpus:
+        raise SystemExit(f"ppo.weight_sync=nccl needs whole GPUs for the rollout and learner roles (ppo.rollout.gpus="
+                         f"{pc.rollout.gpus:g}, ppo.learner.gpus={pc.learner.gpus:g}): NCCL cannot join two processes "
+                         "on one GPU; colocated roles and CPUs use ppo.weight_sync=object_store")
+    return pc.weight_sync
+
+
 def start_roles(cfg: Config, policy: str, reward_model: str, critic: str | None) -> Roles:
     pc = cfg.ppo
     max_len = pc.max_prompt_len + pc.max_new_tokens
+    sync = weight_sync_mode(cfg)
     rollout, g1 = role_actors(RolloutActor, pc.rollout, "rollout", lambda i: (
-        policy, max_len, pc.seed + i, pc.rollout_memory_fraction, cfg.model.dtype), max_restarts=pc.rollout_restarts)
+        policy, max_len, pc.seed + i, pc.rollout_memory_fraction, cfg.model.dtype, "nccl" if sync == "nccl" else ""),
+        max_restarts=pc.rollout_restarts)
     reference, g2 = role_actors(ReferenceActor, pc.reference, "reference", lambda i: (
         policy, cfg.model.dtype, pc.forward_rows))
     reward, g3 = role_actors(RewardActor, pc.reward_model, "reward", lambda i: (
         pc.reward, reward_model, cfg.model.dtype, pc.forward_rows))
     learners = LearnerGroup(cfg, policy, critic)  # the other roles start meanwhile
     ray.get([a.__ray_ready__.remote() for a in rollout + reference + reward])  # a role that fails to start fails here
+    if sync == "nccl":
+        ray.get([learners.ranks[0].open_weight_transfer.remote(i, engine) for i, engine in enumerate(rollout)])
     return Roles(rollout, reference, reward, learners, [g1, g2, g3, learners.group],
-                 load_tokenizer(policy).pad_token_id)
+                 load_tokenizer(policy).pad_token_id, sync)
 
 
 def sharded(actors: list, method: str, batch: dict) -> list:
@@ -249,8 +270,12 @@ def evaluate_held_out(roles: Roles, cfg: Config, prompts: list[list[int]]) -> di
 
 
 def push_weights(roles: Roles) -> None:
-    roles.weights = roles.learners.ranks[0].policy_weights.remote()  # kept in the object store for restarts
     roles.weights_version += 1
+    if roles.weight_sync == "nccl":
+        ray.get(roles.learners.ranks[0].send_weights.remote())
+        ray.get([a.set_weights_version.remote(roles.weights_version) for a in roles.rollout])
+        return
+    roles.weights = roles.learners.ranks[0].policy_weights.remote()  # kept in the object store for restarts
     ray.get([a.load_weights.remote(roles.weights, roles.weights_version) for a in roles.rollout])
 
 
@@ -265,7 +290,13 @@ def restore_engine(roles: Roles, engine) -> None:
             if time.time() - started > 600:
                 raise
             time.sleep(1)
-    if roles.weights is not None:
+    if roles.weight_sync == "nccl":  # the rebuilt engine joins a new group with learner rank 0
+        learner, index = roles.learners.ranks[0], roles.rollout.index(engine)
+        ray.get(learner.open_weight_transfer.remote(index, engine))
+        if roles.weights_version:
+            ray.get(learner.send_weights.remote(index))
+            ray.get(engine.set_weights_version.remote(roles.weights_version))
+    elif roles.weights is not None:
         ray.get(engine.load_weights.remote(roles.weights, roles.weights_version))
     print(f"[ppo] a rollout engine was restarted; weights version {roles.weights_version} pushed to it "
           f"({time.time() - started:.1f}s)", flush=True)
@@ -324,9 +355,10 @@ def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
     pc = cfg.ppo
     try:
         kind, _ = parse_reward(pc.reward)
-        rl.kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if pc.kl_controller not in rl.KL_CONTROLLERS:
+        raise SystemExit(f"ppo.kl_controller={pc.kl_controller!r}: one of {', '.join(rl.KL_CONTROLLERS)}")
     if pc.kl_estimator not in rl.KL_ESTIMATORS:
         raise SystemExit(f"ppo.kl_estimator={pc.kl_estimator!r}: one of {', '.join(rl.KL_ESTIMATORS)}")
     policy, rm = cfg.stage_dir("sft") / "final", cfg.stage_dir("rm") / "final"
@@ -338,6 +370,7 @@ def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
                          "(or use a rule reward, e.g. ppo.reward=length:16)")
     if pc.advantage not in rl.ADVANTAGE_ESTIMATORS:
         raise SystemExit(f"ppo.advantage={pc.advantage!r}: one of {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
+    weight_sync_mode(cfg)
     if pc.length_group < 1 or pc.forward_rows < 1:
         raise SystemExit(f"ppo.length_group ({pc.length_group}) and ppo.forward_rows ({pc.forward_rows}) must be >= 1")
     rows, ranks = pc.prompts_per_step * pc.samples_per_prompt, pc.learner.num
@@ -369,7 +402,7 @@ def main(argv: list[str]) -> dict:
     step, consumed, kl_ctl = resume(cfg, roles, ckpt_dir)
     print(f"[ppo] roles up in {time.time() - started:.1f}s: {pc.rollout.num} rollout, {pc.reference.num} reference, "
           f"{pc.reward_model.num} reward, {pc.learner.num} learner rank(s); reward {pc.reward}, "
-          f"advantage {pc.advantage}", flush=True)
+          f"advantage {pc.advantage}, weights by {roles.weight_sync}", flush=True)
 
     stream = PromptStream(cfg, consumed)
     eval_prompts = [list(r["prompt_ids"]) for r in prompt_dataset(cfg, "valid").take(pc.eval_prompts * 4)

@@ -14,7 +14,7 @@ import sys
 import ray
 
 from clinicalgpt.config import load_config
-from clinicalgpt.reward import RewardTask, pair_dataset, pairwise_accuracy, tokenized_pairs
+from clinicalgpt.reward import RewardTask, length_groups, pair_dataset, pairwise_accuracy, tokenized_pairs
 from clinicalgpt.runtime import init_ray
 from clinicalgpt.tokenizer import load_tokenizer
 from clinicalgpt.trainer import fit, steps_for, summarize_history, take_rows
@@ -34,8 +34,10 @@ def main(argv: list[str]) -> dict:
     test = pairs.filter(lambda r: r["split"] == "test")
     eval_rows = take_rows(tokenized_pairs(cfg, test.random_shuffle(seed=tc.seed)), tc.eval_rows)
     pad_id = load_tokenizer(cfg.model_path).pad_token_id
-    result = fit(cfg, RewardTask(str(source), pad_id), tc, tokenized_pairs(cfg, train),
-                 steps_for(tc, train.count()), eval_rows)
+    stream = tokenized_pairs(cfg, train).map_batches(
+        length_groups, batch_size=tc.micro_batch * 32, batch_format="numpy",
+        fn_kwargs={"micro_batch": tc.micro_batch, "pad_id": pad_id})
+    result = fit(cfg, RewardTask(str(source), pad_id), tc, stream, steps_for(tc, train.count()), eval_rows)
     if result.error:
         raise SystemExit(f"[rm] training failed: {result.error}")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
@@ -77,10 +78,17 @@ def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
     assert json.loads((latest_checkpoint(tmp_path) / "controller.json").read_text()) == {"step": 5}
 
 
-def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained):
+@pytest.mark.parametrize("weight_sync", [
+    pytest.param([], id="object_store"),  # CPUs here
+    pytest.param(["ppo.weight_sync=nccl", "ppo.rollout.gpus=1", "ppo.learner.gpus=1", "ppo.learner.num=1"],
+                 marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL broadcast needs 2 GPUs"),
+                 id="nccl"),
+])
+def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained, weight_sync):
     from jobs import ppo
     cfg, _ = trained
-    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL, "ppo.advantage=grpo"])
+    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL, "ppo.advantage=grpo",
+                       *weight_sync])
     policy = str(cfg.stage_dir("sft") / "final")
     roles = ppo.start_roles(cfg, policy, policy, critic=None)
     stream = ppo.PromptStream(cfg)

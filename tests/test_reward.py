@@ -1,9 +1,10 @@
 """The reward model's pieces, checked by hand: the score is read at the last non-pad token (padding
-changes nothing), the pairwise loss is -log sigma(r_chosen - r_rejected), and constructed pairs carry the
-factual error they claim to."""
+changes nothing), the pairwise loss is -log sigma(r_chosen - r_rejected), constructed pairs carry the
+factual error they claim to, and training batches group pairs by length."""
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -51,9 +52,11 @@ def kg(subject: str, kind: str, objects: list[str], relation: str = "has") -> di
 
 def test_constructed_pairs_swap_in_wrong_facts_of_the_same_or_another_kind(monkeypatch):
     monkeypatch.setattr(reward, "KG_PAIR_FRACTION", 1.0)  # every record makes both kinds of pair
+    monkeypatch.setattr(reward, "EXAM_PAIR_FRACTION", 1.0)
     records = [kg("感冒", "symptom", ["发热", "咳嗽"]), kg("偏头痛", "symptom", ["头痛"]),
                kg("感冒", "drug", ["布洛芬片"]), kg("肺炎", "symptom", ["咳嗽", "胸痛"]),
                kg("感冒", "cost", ["100元"]),  # an estimate: another disease's cost is not a factual error
+               kg("感冒", "good_food", ["鸡蛋"]), kg("胃炎", "good_food", ["苹果"]),  # arbitrary lists: no swaps
                make_record("exam-1", "exam", "exam", "train",
                            [{"role": "user", "content": "发热首选？\nA. 布洛芬\nB. 青霉素"},
                             {"role": "assistant", "content": "答案：A。布洛芬\n解析：退热。"}],
@@ -64,6 +67,8 @@ def test_constructed_pairs_swap_in_wrong_facts_of_the_same_or_another_kind(monke
         by_source.setdefault(p["source"], []).append(p)
     assert set(by_source) == {"constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option"}
     assert not any("100元" in p["chosen"] or "100元" in p["rejected"] for p in pairs)
+    assert not [p for p in by_source["constructed/kg_swap"] if "good_food" in p["prompt"]]
+    assert [p for p in by_source["constructed/kg_wrong_kind"] if "good_food" in p["prompt"]]
 
     cold = {p["source"]: p for p in pairs if p["prompt"] == "感冒的symptom？"}
     # Same kind: another disease's symptoms sharing none with the real ones (肺炎 shares 咳嗽, so 偏头痛's).
@@ -74,3 +79,18 @@ def test_constructed_pairs_swap_in_wrong_facts_of_the_same_or_another_kind(monke
     (exam,) = by_source["constructed/exam_wrong_option"]
     assert exam["chosen"] == "答案：A。布洛芬" and exam["rejected"] == "答案：B。青霉素"
     assert {p["split"] for p in pairs} <= {"train", "test"}
+
+
+def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
+    rng = np.random.default_rng(0)
+    lengths = rng.permutation([5] * 16 + [200] * 16)  # KG-sized and preference-sized pairs, mixed
+    ids = np.zeros((32, 256), dtype=np.int64)  # pad 0
+    for i, n in enumerate(lengths):
+        ids[i, :n] = i + 1  # the row's identity
+    batch = {"chosen_ids": ids, "rejected_ids": ids.copy(), "source": np.array([str(i) for i in range(32)], dtype=object)}
+    grouped = reward.length_groups(batch, micro_batch=8, pad_id=0)
+    assert sorted(grouped["chosen_ids"][:, 0]) == list(range(1, 33))  # every pair, once
+    assert grouped["source"].tolist() == [str(i - 1) for i in grouped["chosen_ids"][:, 0]]  # columns stay aligned
+    widths = (grouped["chosen_ids"] != 0).sum(1).reshape(4, 8)
+    assert all(len(set(w)) == 1 for w in widths)  # each micro-batch is of one length: no padding to trim
+    assert sorted(widths[:, 0]) == [5, 5, 200, 200]

@@ -110,7 +110,7 @@ def test_entropy_from_logits():
 
 @pytest.mark.parametrize("bad, message", [("ppo.reward=lengthx", "expected model"),
                                           ("ppo.kl_estimator=k9", "one of k1, k2, k3"),
-                                          ("ppo.kl_controller=nope", "unknown KL controller"),
+                                          ("ppo.kl_controller=nope", "one of fixed, adaptive"),
                                           ("ppo.advantage=a2c", "one of gae, grpo, rloo"),
                                           ("ppo.length_group=0", "must be >= 1")])
 def test_bad_rl_settings_are_refused_before_anything_starts(tmp_path, bad, message):

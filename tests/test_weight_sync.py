@@ -1,0 +1,58 @@
+"""How policy weights reach the rollout engines: the NCCL path's weight source declares exactly what it
+sends and sends what the object-store path does; ppo.weight_sync resolves to what the hardware allows.
+(The broadcast itself needs two GPUs: tests/test_ppo.py runs it when they are there.)"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from actors.learner import PolicySource, trained_weights
+from clinicalgpt.config import LoraSettings, load_config
+from clinicalgpt.trainer import apply_lora
+
+
+def lora_policy() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = apply_lora(AutoModelForCausalLM.from_config(config), LoraSettings())
+    with torch.no_grad():  # a trained adapter: B starts at zero, which would make every delta vanish
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return model
+
+
+def test_the_nccl_weight_source_sends_what_it_declares_and_what_the_object_store_path_sends():
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+    model = lora_policy()
+    source = PolicySource(model)
+    # vLLM's own check on the sender: it raises when iteration disagrees with the declared metadata.
+    sent = dict(NCCLTrainerWeightTransferEngine._checked_iter(source, source.metadata()))
+    expected = trained_weights(model)
+    assert list(sent) == list(expected) and len(sent) == 2 * 4  # q, k, v, o of both layers, HF names
+    assert all(torch.equal(sent[k], expected[k]) for k in sent)
+    base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"], base)  # LoRA merged in
+    assert [name for name, _ in source] == list(sent)  # every send iterates it afresh
+
+
+@pytest.mark.parametrize("roles, setting, expected", [
+    ([], "auto", "object_store"),  # CPUs
+    (["ppo.rollout.gpus=1", "ppo.learner.gpus=1"], "auto", "nccl"),
+    (["ppo.rollout.gpus=0.5", "ppo.learner.gpus=0.5"], "auto", "object_store"),  # colocated on one GPU
+    (["ppo.rollout.gpus=1", "ppo.learner.gpus=1"], "object_store", "object_store"),
+])
+def test_weight_sync_resolves_to_what_the_roles_hardware_allows(roles, setting, expected):
+    from jobs.ppo import weight_sync_mode
+    assert weight_sync_mode(load_config([*roles, f"ppo.weight_sync={setting}"])) == expected
+
+
+@pytest.mark.parametrize("roles, setting, message", [
+    (["ppo.rollout.gpus=0.5", "ppo.learner.gpus=1"], "nccl", "NCCL cannot join two processes on one GPU"),
+    ([], "gloo", "one of auto, object_store, nccl"),
+])
+def test_an_impossible_weight_sync_is_a_clear_error(roles, setting, message):
+    from jobs.ppo import weight_sync_mode
+    with pytest.raises(SystemExit, match=message):
+        weight_sync_mode(load_config([*roles, f"ppo.weight_sync={setting}"]))
