@@ -44,13 +44,17 @@ class PolicySource:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.pending = None  # weights merged for metadata(), sent by the iteration that follows it
 
     def metadata(self) -> list:
+        # A send asks for metadata, then iterates: the LoRA merge is done once per send, not twice.
         from vllm.distributed.weight_transfer.base import ParamMeta
-        return [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in trained_weights(self.model).items()]
+        self.pending = trained_weights(self.model)
+        return [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in self.pending.items()]
 
     def __iter__(self):
-        return iter(trained_weights(self.model).items())
+        weights, self.pending = self.pending or trained_weights(self.model), None
+        return iter(weights.items())
 
 
 @ray.remote
