@@ -2,7 +2,7 @@
 trained on pairs with the rank loss -log sigma(r(prompt, chosen) - r(prompt, rejected)).
 
 Pairs come from the preference corpora (AI-judged) and from pairs built here where the corpora hold
-ground truth, because factual errors are what a clinical reward model must catch (constructed_pairs).
+ground truth, because factual errors are what a clinical reward model must catch (kg_pairs, exam_pairs).
 """
 
 from __future__ import annotations
@@ -30,45 +30,80 @@ EXAM_PAIR_FRACTION = 0.4
 # Relation kinds whose answers are estimates (cure rate, cost, duration, prevalence, insurance, yes/no):
 # another disease's value is often not wrong, so they make no factual-error pairs.
 ESTIMATE_KINDS = {"cure_rate", "cost", "treat_cycle", "prevalence", "insurance", "infectious"}
-# The graphs' food lists are near-arbitrary picks of common foods: another disease's list is no factual
-# error, so they make no same-kind swaps (listing drugs as foods still is a wrong-kind pair).
-ARBITRARY_KINDS = {"good_food", "avoid_food", "recipe"}
+# Kinds with no same-kind swaps: the food lists are near-arbitrary picks of common foods, and treatment
+# ways and susceptible groups come from a handful of values most diseases share (药物治疗, 无特定人群), so
+# another disease's is seldom wrong. Listing them as another kind still is a wrong-kind pair.
+NO_SWAP_KINDS = {"good_food", "avoid_food", "recipe", "treatment", "susceptible"}
+# Constructed KG source -> whether its wrong facts are of the question's own kind.
+KG_SWAPS = {"constructed/kg_swap": True, "constructed/kg_wrong_kind": False}
+PAIR_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected", "source", "split")])
 
 
-def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: int) -> pa.Table:
-    """Ray Data map: KG and exam training records -> (prompt, chosen, rejected, source, split) pairs.
+def pair_row(prompt: str, chosen: str, rejected: str, source: str, key: str, seed: int) -> dict:
+    split = "test" if hash_fraction("rm-split", str(seed), key) < CONSTRUCTED_TEST_FRACTION else "train"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source, "split": split}
 
-    kg_swap: the same question answered with another disease's facts of the same kind (needs knowledge);
-    kg_wrong_kind: answered with facts of another kind (drugs listed as symptoms);
-    exam_wrong_option: an exam answer naming a wrong option."""
-    kg = [(r, json.loads(r["meta"])) for r in batch.to_pylist() if r["task"] == "kg_qa"]
-    kg = [(r, m) for r, m in kg if m["kind"] not in ESTIMATE_KINDS]
-    out = defaultdict(list)
 
-    def add(prompt, chosen, rejected, source, key):
-        split = "test" if hash_fraction("rm-split", str(seed), key) < CONSTRUCTED_TEST_FRACTION else "train"
-        for k, v in zip(("prompt", "chosen", "rejected", "source", "split"), (prompt, chosen, rejected, source, split)):
-            out[k].append(v)
+def kg_swap_sources(row: dict, seed: int) -> list[str]:
+    """The constructed sources a KG record is drawn for: a hashed share of the records for each."""
+    meta = json.loads(row["meta"])
+    if meta["kind"] in ESTIMATE_KINDS:
+        return []
+    return [source for source, same_kind in KG_SWAPS.items() if not (same_kind and meta["kind"] in NO_SWAP_KINDS)
+            and hash_fraction(source, str(seed), row["id"]) < KG_PAIR_FRACTION]
+
+
+def disease_departments(kg: ray.data.Dataset) -> dict[str, list[str]]:
+    """Disease -> the departments that treat it, from the graphs' department records."""
+    rows = kg.filter(lambda r: json.loads(r["meta"])["kind"] == "department").select_columns(["meta"]).take_all()
+    out = defaultdict(set)
+    for meta in (json.loads(r["meta"]) for r in rows):
+        out[meta["subject"]].update(meta["objects"])
+    return {disease: sorted(d) for disease, d in out.items()}
+
+
+def kg_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: int, departments: dict) -> pa.Table:
+    """Ray Data map over shuffled KG records -> (prompt, chosen, rejected, source, split) pairs: the same
+    question answered with another record's facts.
+
+    kg_swap: facts of the same kind from a disease of another department (a neighbour's checks or drugs
+    are often right too, the graphs being incomplete; a dermatology drug for a heart disease is not);
+    kg_wrong_kind: facts of another kind (drugs listed as symptoms)."""
+    kg = [(r, m) for r, m in ((r, json.loads(r["meta"])) for r in batch.to_pylist()) if m["kind"] not in ESTIMATE_KINDS]
 
     def kind(meta):  # an inverse question (symptom -> diseases) lists another kind of object
         return meta["kind"], meta["relation"].startswith("inverse:")
 
+    def departments_of(meta):  # of the subject, or of the diseases an inverse answer lists
+        diseases = meta["objects"] if kind(meta)[1] else [meta["subject"]]
+        return {d for disease in diseases for d in departments.get(disease, ())}
+
+    def wrong_for(meta, donor, same_kind):
+        if (kind(donor) == kind(meta)) != same_kind or set(donor["objects"]) & set(meta["objects"]):
+            return False
+        if not same_kind:
+            return True
+        own, other = departments_of(meta), departments_of(donor)
+        return bool(own and other and not own & other)
+
+    rows = []
     for i, (r, meta) in enumerate(kg):
-        for source, same_kind in (("constructed/kg_swap", True), ("constructed/kg_wrong_kind", False)):
-            if same_kind and meta["kind"] in ARBITRARY_KINDS:
-                continue
-            if hash_fraction(source, str(seed), r["id"]) >= KG_PAIR_FRACTION:
-                continue
-            # The donor: the next record (of the same kind, or of another) sharing no object with this one.
-            donor = next((m for _, m in kg[i + 1:] + kg[:i] if (kind(m) == kind(meta)) == same_kind
-                          and not set(m["objects"]) & set(meta["objects"])), None)
+        for source in kg_swap_sources(r, seed):
+            donor = next((m for _, m in kg[i + 1:] + kg[:i] if wrong_for(meta, m, KG_SWAPS[source])), None)
             if donor is None:
                 continue
             _, rejected, _ = render_qa(meta["kind"], meta["subject"], donor["objects"], inverse=kind(meta)[1],
                                        seed=seed, en_fraction=kg_en_fraction, cap=cap)
-            add(r["messages"][0]["content"], r["messages"][-1]["content"], rejected, source, r["id"])
+            rows.append(pair_row(r["messages"][0]["content"], r["messages"][-1]["content"], rejected, source,
+                                 r["id"], seed))
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+
+
+def exam_pairs(batch: pa.Table, seed: int) -> pa.Table:
+    """Ray Data map: exam records -> pairs whose rejected answer names a wrong option."""
+    rows = []
     for r in batch.to_pylist():
-        if r["task"] != "exam" or hash_fraction("constructed/exam", str(seed), r["id"]) >= EXAM_PAIR_FRACTION:
+        if hash_fraction("constructed/exam", str(seed), r["id"]) >= EXAM_PAIR_FRACTION:
             continue
         meta = json.loads(r["meta"])
         wrong = sorted(set(meta["options"]) - set(meta["answer"]))
@@ -76,10 +111,9 @@ def constructed_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: in
             continue
         letter = wrong[int(hash_fraction("wrong", r["id"]) * len(wrong))]
         chosen = r["messages"][-1]["content"].split("\n")[0]  # "答案：C。<text>" without the explanation
-        rejected = f"答案：{letter}。{meta['options'][letter]}"
-        add(r["messages"][0]["content"], chosen, rejected, "constructed/exam_wrong_option", r["id"])
-    schema = pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected", "source", "split")])
-    return pa.table(dict(out), schema=schema) if out else schema.empty_table()
+        rows.append(pair_row(r["messages"][0]["content"], chosen, f"答案：{letter}。{meta['options'][letter]}",
+                             "constructed/exam_wrong_option", r["id"], seed))
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
 def preference_pairs(batch: pa.Table) -> pa.Table:
@@ -97,11 +131,17 @@ def preference_pairs(batch: pa.Table) -> pa.Table:
 def pair_dataset(cfg: Config) -> ray.data.Dataset:
     """All pairs, train and test, as one stream of (prompt, chosen, rejected, source, split)."""
     from .corpus import read_records
+    seed = cfg.data.seed
     prefs = read_records(cfg, ["train", "test"], ["preference"]).map_batches(preference_pairs, batch_format="pyarrow")
-    built = read_records(cfg, ["train"], ["kg_qa", "exam"]).map_batches(
-        constructed_pairs, batch_format="pyarrow", batch_size=cfg.data.batch_size,
-        fn_kwargs={"seed": cfg.data.seed, "kg_en_fraction": cfg.data.kg_en_fraction, "cap": cfg.data.kg_max_objects})
-    return prefs.union(built)
+    kg = read_records(cfg, ["train"], ["kg_qa"])
+    # Shuffled, so that each batch holds diseases of every department to draw the wrong facts from.
+    swaps = kg.filter(lambda r: bool(kg_swap_sources(r, seed))).random_shuffle(seed=seed).map_batches(
+        kg_pairs, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+        fn_kwargs={"seed": seed, "kg_en_fraction": cfg.data.kg_en_fraction, "cap": cfg.data.kg_max_objects,
+                   "departments": disease_departments(kg)})
+    exams = read_records(cfg, ["train"], ["exam"]).map_batches(exam_pairs, batch_format="pyarrow",
+                                                               fn_kwargs={"seed": seed})
+    return prefs.union(swaps, exams)
 
 
 class TokenizePairs:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -50,35 +51,49 @@ def kg(subject: str, kind: str, objects: list[str], relation: str = "has") -> di
                        meta={"kind": kind, "relation": relation, "subject": subject, "objects": objects})
 
 
-def test_constructed_pairs_swap_in_wrong_facts_of_the_same_or_another_kind(monkeypatch):
+def test_kg_pairs_swap_in_wrong_facts_from_another_department_or_of_another_kind(monkeypatch):
     monkeypatch.setattr(reward, "KG_PAIR_FRACTION", 1.0)  # every record makes both kinds of pair
-    monkeypatch.setattr(reward, "EXAM_PAIR_FRACTION", 1.0)
-    records = [kg("感冒", "symptom", ["发热", "咳嗽"]), kg("偏头痛", "symptom", ["头痛"]),
-               kg("感冒", "drug", ["布洛芬片"]), kg("肺炎", "symptom", ["咳嗽", "胸痛"]),
+    departments = {"感冒": ["内科", "呼吸内科"], "肺炎": ["内科", "呼吸内科"], "哮喘": ["内科"],
+                   "偏头痛": ["神经科"], "骨折": ["外科", "骨科"], "湿疹": ["皮肤科"]}
+    records = [kg("感冒", "symptom", ["发热", "咳嗽"]),
+               kg("哮喘", "symptom", ["喘息"]),  # shares no symptom, but the department: not surely wrong
+               kg("肺炎", "symptom", ["咳嗽", "胸痛"]),  # shares 咳嗽
+               kg("偏头痛", "symptom", ["头痛"]),  # another department: the same-kind swap for 感冒
+               kg("感冒", "drug", ["布洛芬片"]),
+               kg("不明病", "drug", ["某药"]),  # no known department: no same-kind swap either way
                kg("感冒", "cost", ["100元"]),  # an estimate: another disease's cost is not a factual error
-               kg("感冒", "good_food", ["鸡蛋"]), kg("胃炎", "good_food", ["苹果"]),  # arbitrary lists: no swaps
-               make_record("exam-1", "exam", "exam", "train",
-                           [{"role": "user", "content": "发热首选？\nA. 布洛芬\nB. 青霉素"},
-                            {"role": "assistant", "content": "答案：A。布洛芬\n解析：退热。"}],
-                           meta={"answer": "A", "options": {"A": "布洛芬", "B": "青霉素"}})]
-    pairs = reward.constructed_pairs(pa.Table.from_pylist(records), seed=0, kg_en_fraction=0.0, cap=8).to_pylist()
-    by_source = {}
-    for p in pairs:
-        by_source.setdefault(p["source"], []).append(p)
-    assert set(by_source) == {"constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option"}
+               kg("骨折", "treatment", ["手术治疗"]), kg("湿疹", "treatment", ["药物治疗"]),  # shared few values
+               kg("感冒", "good_food", ["鸡蛋"]), kg("湿疹", "good_food", ["苹果"])]  # arbitrary lists
+    pairs = reward.kg_pairs(pa.Table.from_pylist(records), seed=0, kg_en_fraction=0.0, cap=8,
+                            departments=departments).to_pylist()
+    swaps = {p["prompt"]: p for p in pairs if p["source"] == "constructed/kg_swap"}
+    wrong_kind = {p["prompt"]: p for p in pairs if p["source"] == "constructed/kg_wrong_kind"}
     assert not any("100元" in p["chosen"] or "100元" in p["rejected"] for p in pairs)
-    assert not [p for p in by_source["constructed/kg_swap"] if "good_food" in p["prompt"]]
-    assert [p for p in by_source["constructed/kg_wrong_kind"] if "good_food" in p["prompt"]]
-
-    cold = {p["source"]: p for p in pairs if p["prompt"] == "感冒的symptom？"}
-    # Same kind: another disease's symptoms sharing none with the real ones (肺炎 shares 咳嗽, so 偏头痛's).
-    assert "头痛" in cold["constructed/kg_swap"]["rejected"] and "发热" not in cold["constructed/kg_swap"]["rejected"]
-    # Another kind: a drug listed as a symptom.
-    assert "布洛芬片" in cold["constructed/kg_wrong_kind"]["rejected"]
-
-    (exam,) = by_source["constructed/exam_wrong_option"]
-    assert exam["chosen"] == "答案：A。布洛芬" and exam["rejected"] == "答案：B。青霉素"
+    # Same kind: another department's symptoms, sharing none with the real ones (so 偏头痛's, not 哮喘's).
+    assert "头痛" in swaps["感冒的symptom？"]["rejected"] and "喘息" not in swaps["感冒的symptom？"]["rejected"]
+    assert "不明病的drug？" not in swaps and "感冒的drug？" not in swaps  # 不明病: no department to differ from
+    assert not [p for p in swaps if "good_food" in p or "treatment" in p]
+    # Another kind: any record of another kind sharing no object, e.g. foods or drugs listed as symptoms.
+    assert {"感冒的symptom？", "湿疹的good_food？", "骨折的treatment？"} <= set(wrong_kind)
+    assert "布洛芬片" in wrong_kind["感冒的symptom？"]["rejected"]  # the next record of another kind: a drug
     assert {p["split"] for p in pairs} <= {"train", "test"}
+
+
+def test_disease_departments_come_from_the_department_records(ray_session):
+    records = [kg("感冒", "department", ["内科", "呼吸内科"]), kg("感冒", "symptom", ["发热"]),
+               kg("骨折", "department", ["骨科"])]
+    assert reward.disease_departments(ray.data.from_items(records)) == {"感冒": ["内科", "呼吸内科"], "骨折": ["骨科"]}
+
+
+def test_exam_pairs_name_a_wrong_option(monkeypatch):
+    monkeypatch.setattr(reward, "EXAM_PAIR_FRACTION", 1.0)
+    record = make_record("exam-1", "exam", "exam", "train",
+                         [{"role": "user", "content": "发热首选？\nA. 布洛芬\nB. 青霉素"},
+                          {"role": "assistant", "content": "答案：A。布洛芬\n解析：退热。"}],
+                         meta={"answer": "A", "options": {"A": "布洛芬", "B": "青霉素"}})
+    (pair,) = reward.exam_pairs(pa.Table.from_pylist([record]), seed=0).to_pylist()
+    assert pair["chosen"] == "答案：A。布洛芬" and pair["rejected"] == "答案：B。青霉素"
+    assert pair["source"] == "constructed/exam_wrong_option"
 
 
 def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
