@@ -131,15 +131,18 @@ def test_serve_metrics_count_requests_errors_and_latency(endpoint):
     """What the Grafana dashboard plots, scraped as Prometheus does, after the requests above."""
     names = {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
              "ray_serve_http_request_latency_ms_count", "ray_serve_deployment_queued_queries"}
-    samples = scrape_metrics(names)
-    assert names <= set(samples), sorted(samples)
-
-    def total(name: str, **labels) -> float:
-        return sum(s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items()))
-
     app = {"application": "clinicalgpt"}
-    assert total("ray_serve_num_http_requests_total", status_code="200", **app) >= 32  # the burst alone
-    assert total("ray_serve_num_http_error_requests_total", error_code="400", **app) >= 9  # the bad requests
-    assert total("ray_serve_num_http_error_requests_total", error_code="401", **app) >= 4
-    assert total("ray_serve_http_request_latency_ms_count", **app) >= 32 + len(BAD)
-    assert total("ray_serve_deployment_queued_queries", **app) == 0  # the queue depth: empty, all answered
+
+    def total(samples, name: str, **labels) -> float:
+        return sum(s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in {**app, **labels}.items()))
+
+    def counted(samples) -> bool:  # Ray exports counters every few seconds: wait until the requests above show
+        return (total(samples, "ray_serve_num_http_requests_total", status_code="200") >= 32  # the burst alone
+                and total(samples, "ray_serve_num_http_error_requests_total", error_code="400") >= 9  # bad requests
+                and total(samples, "ray_serve_num_http_error_requests_total", error_code="401") >= 4
+                and total(samples, "ray_serve_http_request_latency_ms_count") >= 32 + len(BAD))
+
+    samples = scrape_metrics(names, timeout=120, ready=counted)
+    assert names <= set(samples), sorted(samples)
+    assert counted(samples), {name: [(s.labels, s.value) for s in found] for name, found in samples.items()}
+    assert total(samples, "ray_serve_deployment_queued_queries") == 0  # the queue depth: empty, all answered
