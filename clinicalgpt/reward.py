@@ -44,13 +44,12 @@ def pair_row(prompt: str, chosen: str, rejected: str, source: str, key: str, see
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source, "split": split}
 
 
-def kg_swap_sources(row: dict, seed: int) -> list[str]:
+def kg_swap_sources(record_id: str, meta: dict, seed: int) -> list[str]:
     """The constructed sources a KG record is drawn for: a hashed share of the records for each."""
-    meta = json.loads(row["meta"])
     if meta["kind"] in ESTIMATE_KINDS:
         return []
     return [source for source, same_kind in KG_SWAPS.items() if not (same_kind and meta["kind"] in NO_SWAP_KINDS)
-            and hash_fraction(source, str(seed), row["id"]) < KG_PAIR_FRACTION]
+            and hash_fraction(source, str(seed), record_id) < KG_PAIR_FRACTION]
 
 
 def disease_departments(kg: ray.data.Dataset) -> dict[str, list[str]]:
@@ -88,7 +87,7 @@ def kg_pairs(batch: pa.Table, seed: int, kg_en_fraction: float, cap: int, depart
 
     rows = []
     for i, (r, meta) in enumerate(kg):
-        for source in kg_swap_sources(r, seed):
+        for source in kg_swap_sources(r["id"], meta, seed):
             donor = next((m for _, m in kg[i + 1:] + kg[:i] if wrong_for(meta, m, KG_SWAPS[source])), None)
             if donor is None:
                 continue
@@ -135,7 +134,8 @@ def pair_dataset(cfg: Config) -> ray.data.Dataset:
     prefs = read_records(cfg, ["train", "test"], ["preference"]).map_batches(preference_pairs, batch_format="pyarrow")
     kg = read_records(cfg, ["train"], ["kg_qa"])
     # Shuffled, so that each batch holds diseases of every department to draw the wrong facts from.
-    swaps = kg.filter(lambda r: bool(kg_swap_sources(r, seed))).random_shuffle(seed=seed).map_batches(
+    drawn = kg.filter(lambda r: bool(kg_swap_sources(r["id"], json.loads(r["meta"]), seed)))
+    swaps = drawn.random_shuffle(seed=seed).map_batches(
         kg_pairs, batch_format="pyarrow", batch_size=cfg.data.batch_size,
         fn_kwargs={"seed": seed, "kg_en_fraction": cfg.data.kg_en_fraction, "cap": cfg.data.kg_max_objects,
                    "departments": disease_departments(kg)})
