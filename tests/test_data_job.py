@@ -10,7 +10,7 @@ from clinicalgpt.corpus import read_records
 from clinicalgpt.packing import IGNORE, packed_dataset
 from clinicalgpt.records import leak_key
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def test_every_corpus_becomes_records(built):

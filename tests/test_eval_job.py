@@ -7,7 +7,7 @@ import pytest
 from clinicalgpt.config import load_config
 from conftest import isolated_run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 ITEMS = {"conversation": 12, "exam": 24, "diagnosis": 12, "qa": 8, "safety": 6}
 
 

@@ -1,7 +1,7 @@
 """PPO with Ray actor roles on the real prompts: a verifiable reward is learned with bounded KL, a rerun
 resumes from the last checkpoint, the rollout engine decodes exactly like the learner after a weight
-push, killed roles are recovered (a rollout engine in place, a learner rank from the last checkpoint),
-and the job runs under `ray job submit`."""
+push, and killed roles are recovered (a rollout engine in place, a learner rank from the last checkpoint).
+Under `ray job submit`: tests/test_job_submit.py."""
 
 import json
 import threading
@@ -16,20 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
 from clinicalgpt.experience import build_batch
-from conftest import history, isolated_run, scrape_metrics, submit_job
+from conftest import SMALL_PPO, history, isolated_run, ppo_args, scrape_metrics
 
-pytestmark = pytest.mark.slow
-# Small steps: 8 prompts x 4 samples, responses up to 24 tokens; the rule rewards a 6-token answer. The
-# session's SFT model is barely trained (near-uniform next-token distributions), hence the high lr.
-SMALL = ["ppo.prompts_per_step=8", "ppo.samples_per_prompt=4", "ppo.minibatch=16", "ppo.max_new_tokens=24",
-         "ppo.eval_prompts=8", "ppo.reward=length:6", "ppo.lr=2e-3"]
-
-
-def ppo_args(run_root: Path, cfg, steps: int, *extra: str) -> list[str]:
-    return [f"run_root={run_root}", f"data.root={cfg.data_root}", f"ppo.steps={steps}", "ppo.eval_every=10",
-            "ppo.checkpoint_every=10", *SMALL, *extra]
-
-
+pytestmark = pytest.mark.e2e
 def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tmp_path):
     from jobs import ppo
     cfg, _ = trained
@@ -78,59 +67,7 @@ def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
     assert json.loads((latest_checkpoint(tmp_path) / "controller.json").read_text()) == {"step": 5}
 
 
-@pytest.mark.parametrize("weight_sync", [
-    pytest.param([], id="object_store"),  # CPUs here
-    pytest.param(["ppo.weight_sync=nccl", "ppo.rollout.gpus=1", "ppo.learner.gpus=1", "ppo.learner.num=1"],
-                 marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL broadcast needs 2 GPUs"),
-                 id="nccl"),
-])
-def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(trained, weight_sync):
-    from jobs import ppo
-    cfg, _ = trained
-    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL, "ppo.advantage=grpo",
-                       *weight_sync])
-    policy = str(cfg.stage_dir("sft") / "final")
-    roles = ppo.start_roles(cfg, policy, policy, critic=None)
-    stream = ppo.PromptStream(cfg)
-    learner = roles.learners.ranks[0]
-    try:
-        prompts = stream.take(cfg.ppo.prompts_per_step)
-        probe = build_batch(prompts[:4], [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]], roles.pad_id)
-        before = ray.get(learner.evaluate.remote(probe))["logprobs"]
-        first = ppo.ppo_step(cfg, roles, prompts, 0.05, 0)  # trains, then pushes the new weights
-        second = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
-        moved = np.abs(ray.get(learner.evaluate.remote(probe))["logprobs"] - before)[probe["response_mask"] > 0].max()
-        after = [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]]
-        engine = [s["ids"] for p in prompts[:4] for s in ray.get(roles.rollout[0].generate.remote([p], 1, 24, 0.0))]
-    finally:
-        stream.close()
-        roles.shutdown()
-    assert moved > 1e-3  # the policy did change (its greedy text may not, on a barely-trained model)
-    assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
-    # Sampled tokens scored by the engine and by the learner agree after each push.
-    assert first["engine_logprob_gap"] < 1e-3 and second["engine_logprob_gap"] < 1e-3
-
-
-def test_a_killed_rollout_engine_is_restarted_with_the_current_weights(trained, capsys):
-    from jobs import ppo
-    cfg, _ = trained
-    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL, "ppo.advantage=grpo"])
-    policy = str(cfg.stage_dir("sft") / "final")
-    roles = ppo.start_roles(cfg, policy, policy, critic=None)
-    stream = ppo.PromptStream(cfg)
-    try:
-        before = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 0)  # pushes weights version 1
-        ray.kill(roles.rollout[0], no_restart=False)  # Ray rebuilds it, with the SFT weights it was built from
-        after = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
-    finally:
-        stream.close()
-        roles.shutdown()
-    assert "a rollout engine was restarted; weights version 1 pushed" in capsys.readouterr().out
-    # The rebuilt engine sampled with the trained policy, not the SFT weights: its log-probs match the learner's.
-    assert after["step"] == 2 and after["engine_logprob_gap"] < 1e-3, after["engine_logprob_gap"]
-    print(f"recovery: generate took {after['generate_s'] - before['generate_s']:.1f}s longer than before the kill")
-
-
+@pytest.mark.chaos
 def test_a_killed_learner_rank_resumes_the_job_from_its_last_checkpoint(trained, tmp_path, capsys):
     from jobs import ppo
     cfg, _ = trained
@@ -159,11 +96,54 @@ def test_a_killed_learner_rank_resumes_the_job_from_its_last_checkpoint(trained,
     print(f"recovery: {recovered:.1f}s from the failure to training again")
 
 
-def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head):
+@pytest.fixture(scope="module", params=[
+    pytest.param([], id="object_store"),  # CPUs here
+    pytest.param(["ppo.weight_sync=nccl", "ppo.rollout.gpus=1", "ppo.learner.gpus=1", "ppo.learner.num=1"],
+                 marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL broadcast needs 2 GPUs"),
+                 id="nccl"),
+])
+def grpo_roles(trained, request):
+    """PPO roles on the session's SFT model, started once for the tests below, which run in turn on them
+    (last in this module: the roles hold their CPUs until its end): (cfg, roles, prompt stream)."""
+    from jobs import ppo
     cfg, _ = trained
-    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft", "rm"))
-    out = submit_job(ray_head, tmp_path, "python", "jobs/ppo.py", *ppo_args(run_root, cfg, 2, "ppo.reward=model"))
-    assert "succeeded" in out, out[-3000:]
-    assert "[ppo] done" in out
-    summary = json.loads((run_root / cfg.preset / "ppo" / "summary.json").read_text())
-    assert summary["steps"] == 2
+    cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL_PPO, "ppo.advantage=grpo",
+                       *request.param])
+    policy = str(cfg.stage_dir("sft") / "final")
+    roles = ppo.start_roles(cfg, policy, policy, critic=None)
+    stream = ppo.PromptStream(cfg)
+    yield cfg, roles, stream
+    stream.close()
+    roles.shutdown()
+
+
+def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_roles):
+    from jobs import ppo
+    cfg, roles, stream = grpo_roles
+    learner = roles.learners.ranks[0]
+    prompts = stream.take(cfg.ppo.prompts_per_step)
+    probe = build_batch(prompts[:4], [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]], roles.pad_id)
+    before = ray.get(learner.evaluate.remote(probe))["logprobs"]
+    first = ppo.ppo_step(cfg, roles, prompts, 0.05, 0)  # trains, then pushes the new weights
+    second = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
+    moved = np.abs(ray.get(learner.evaluate.remote(probe))["logprobs"] - before)[probe["response_mask"] > 0].max()
+    after = [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]]
+    engine = [s["ids"] for p in prompts[:4] for s in ray.get(roles.rollout[0].generate.remote([p], 1, 24, 0.0))]
+    assert moved > 1e-3  # the policy did change (its greedy text may not, on a barely-trained model)
+    assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
+    # Sampled tokens scored by the engine and by the learner agree after each push.
+    assert first["engine_logprob_gap"] < 1e-3 and second["engine_logprob_gap"] < 1e-3
+
+
+@pytest.mark.chaos
+def test_a_killed_rollout_engine_is_restarted_with_the_current_weights(grpo_roles, capsys):
+    from jobs import ppo
+    cfg, roles, stream = grpo_roles
+    before = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 2)  # pushes a new version
+    version = roles.weights_version
+    ray.kill(roles.rollout[0], no_restart=False)  # Ray rebuilds it, with the SFT weights it was built from
+    after = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 3)
+    assert f"a rollout engine was restarted; weights version {version} pushed" in capsys.readouterr().out
+    # The rebuilt engine sampled with the trained policy, not the SFT weights: its log-probs match the learner's.
+    assert after["step"] == 4 and after["engine_logprob_gap"] < 1e-3, after["engine_logprob_gap"]
+    print(f"recovery: generate took {after['generate_s'] - before['generate_s']:.1f}s longer than before the kill")

@@ -16,7 +16,7 @@ from clinicalgpt.config import CLINICAL_SYSTEM_PROMPT
 from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
 from conftest import free_ports, scrape_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 KEY = "test-key-1"
 QUESTION = [{"role": "user", "content": "高血压患者可以吃党参吗？"}]
 
