@@ -145,28 +145,30 @@ def pair_dataset(cfg: Config) -> ray.data.Dataset:
 
 
 class TokenizePairs:
-    """Ray Data callable: pairs -> chosen/rejected token ids, right-padded to max_len (the prompt is cut
-    from the left when a pair does not fit, so the replies are always scored whole)."""
+    """Ray Data callable: pairs -> chosen/rejected token ids, right-padded to max_len, and each reply's
+    length in tokens (its last tokens; the prompt is cut from the left when a pair does not fit, so the
+    replies are always scored whole)."""
 
     def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
         from .tokenizer import load_tokenizer
         self.tok = load_tokenizer(tokenizer_path, chat_template)
         self.max_len = max_len
 
-    def encode(self, prompt: str, reply: str) -> list[int]:
+    def encode(self, prompt: str, reply: str) -> tuple[list[int], int]:
         head = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                             add_generation_prompt=True)
         prompt_ids = self.tok(head, add_special_tokens=False)["input_ids"]
         reply_ids = self.tok(reply + self.tok.eos_token, add_special_tokens=False)["input_ids"][: self.max_len // 2]
         keep = self.max_len - len(reply_ids)
-        return prompt_ids[-keep:] + reply_ids
+        return prompt_ids[-keep:] + reply_ids, len(reply_ids)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        out = {"chosen_ids": [], "rejected_ids": []}
+        out = {"chosen_ids": [], "rejected_ids": [], "chosen_reply_len": [], "rejected_reply_len": []}
         for p, c, r in zip(*(batch.column(k).to_pylist() for k in ("prompt", "chosen", "rejected"))):
-            for key, reply in (("chosen_ids", c), ("rejected_ids", r)):
-                ids = self.encode(p, reply)
-                out[key].append(ids + [self.tok.pad_token_id] * (self.max_len - len(ids)))
+            for side, reply in (("chosen", c), ("rejected", r)):
+                ids, reply_len = self.encode(p, reply)
+                out[f"{side}_ids"].append(ids + [self.tok.pad_token_id] * (self.max_len - len(ids)))
+                out[f"{side}_reply_len"].append(reply_len)
         arrays = {k: np.array(v, dtype=np.int64) for k, v in out.items()}
         arrays["source"] = np.array(batch.column("source").to_pylist(), dtype=object)
         return arrays
@@ -221,26 +223,46 @@ class RewardTask(Task):
         export_hf(model, cfg, out)
 
 
-def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset, batch_size: int = 32) -> dict:
-    """Held-out pairwise accuracy, overall and per source (the chosen reply must score higher), beside
-    the "longer reply wins" baseline (ties count half), the shortcut an AI-judged corpus invites."""
-    from transformers import AutoModelForSequenceClassification
+def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int) -> np.ndarray:
+    """Mean log-prob per token that a causal LM gives each row's reply (its last reply_len real tokens of
+    right-padded ids) after the prompt before it."""
+    from .experience import build_batch, response_logprobs
+    lengths = (ids != pad_id).sum(1)
+    batch = build_batch([list(row[:n - r]) for row, n, r in zip(ids, lengths, reply_len)],
+                        [list(row[n - r:n]) for row, n, r in zip(ids, lengths, reply_len)], pad_id)
+    logp = response_logprobs(model, batch).numpy()
+    return (logp * batch["response_mask"]).sum(1) / batch["response_mask"].sum(1)
+
+
+def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset, base_dir: str,
+                      batch_size: int = 32) -> dict:
+    """Held-out pairwise accuracy, overall and per source (the chosen reply must score higher), beside two
+    baselines (ties count half): the longer reply wins, the shortcut an AI-judged corpus invites; and the
+    reply the base model (the SFT model the RM starts from) finds more likely per token, which is what
+    that model already knows: a factual-error pair it prefers at chance is a fact it does not hold."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from .tokenizer import load_tokenizer
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     pad = load_tokenizer(model_dir).pad_token_id
-    per_source = defaultdict(lambda: ([], []))  # source -> (model correct, length baseline correct)
+    per_source = defaultdict(lambda: ([], [], []))  # source -> (model correct, longer reply, base model's preference)
     with torch.no_grad():
         for batch in tokenized_pairs(cfg, test_pairs).iter_batches(batch_size=batch_size, batch_format="numpy"):
             n = len(batch["chosen_ids"])
-            ids = torch.as_tensor(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]]))
+            both = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+            ids = torch.as_tensor(both)
             r = scores(model, ids, pad)
             lengths = (ids != pad).sum(1)
             longer = (torch.sign(lengths[:n] - lengths[n:]) + 1) / 2
-            for source, ok, base in zip(batch["source"], (r[:n] > r[n:]).tolist(), longer.tolist()):
-                per_source[source][0].append(ok)
-                per_source[source][1].append(base)
-    everything = [sum((v[i] for v in per_source.values()), []) for i in (0, 1)]
+            reply_lens = np.concatenate([batch["chosen_reply_len"], batch["rejected_reply_len"]])
+            liked = reply_likelihood(base, both, reply_lens, pad)
+            likes = (np.sign(liked[:n] - liked[n:]) + 1) / 2
+            for i, (source, ok) in enumerate(zip(batch["source"], (r[:n] > r[n:]).tolist())):
+                for column, value in zip(per_source[source], (ok, longer[i].item(), float(likes[i]))):
+                    column.append(value)
+    everything = [sum((v[i] for v in per_source.values()), []) for i in (0, 1, 2)]
     return {"overall": float(np.mean(everything[0])), "length_baseline": float(np.mean(everything[1])),
-            "pairs": len(everything[0]),
-            "per_source": {s: {"accuracy": float(np.mean(ok)), "length_baseline": float(np.mean(base)),
-                               "pairs": len(ok)} for s, (ok, base) in sorted(per_source.items())}}
+            "base_likelihood": float(np.mean(everything[2])), "pairs": len(everything[0]),
+            "per_source": {s: {"accuracy": float(np.mean(ok)), "length_baseline": float(np.mean(longer)),
+                               "base_likelihood": float(np.mean(likes)), "pairs": len(ok)}
+                           for s, (ok, longer, likes) in sorted(per_source.items())}}

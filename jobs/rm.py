@@ -41,16 +41,19 @@ def main(argv: list[str]) -> dict:
     if result.error:
         raise SystemExit(f"[rm] training failed: {result.error}")
 
-    accuracy = pairwise_accuracy(cfg, str(out / "final"), test)
+    accuracy = pairwise_accuracy(cfg, str(out / "final"), test, base_dir=str(source))
     for name, row in accuracy["per_source"].items():
         row["train_pairs"] = trained_on.get(name, 0)
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))
     lines = ["# Reward model: held-out pairwise accuracy", "",
-             "| source | trained on | held-out pairs | accuracy | longer-reply baseline |", "|---|---|---|---|---|"]
-    lines += [f"| {s} | {v['train_pairs']} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} |"
-              for s, v in accuracy["per_source"].items()]
+             "Baselines: the longer reply wins; the SFT model (the RM's starting point) prefers the reply it finds "
+             "more likely per token, i.e. what it already knows.", "",
+             "| source | trained on | held-out pairs | accuracy | longer-reply baseline | SFT likelihood baseline |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {s} | {v['train_pairs']} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} | "
+              f"{v['base_likelihood']:.3f} |" for s, v in accuracy["per_source"].items()]
     lines += [f"| **overall** | {sum(trained_on.values())} | {accuracy['pairs']} | **{accuracy['overall']:.3f}** | "
-              f"{accuracy['length_baseline']:.3f} |"]
+              f"{accuracy['length_baseline']:.3f} | {accuracy['base_likelihood']:.3f} |"]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     summary = {**summarize_history(out / "history.jsonl"), "accuracy": accuracy["overall"], "model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

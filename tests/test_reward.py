@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from clinicalgpt import reward
 from clinicalgpt.config import ModelConfig
@@ -42,6 +42,21 @@ def test_score_is_taken_at_the_last_real_token_and_the_loss_is_the_pairwise_log_
     margin = alone[0] - alone[1]
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-margin)), abs=1e-5)
     assert metrics["accuracy"] == (1.0 if margin > 0 else 0.0) and tokens == 7
+
+
+def test_the_base_models_preference_is_its_mean_log_prob_per_reply_token(tokenizer):
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config(mc, tokenizer)).eval()
+    pad = tokenizer.pad_token_id
+    rows = [([5, 9], [12, 7, 3]), ([5, 9, 14, 2], [30])]  # (prompt, reply), right-padded as TokenizePairs writes them
+    ids = np.array([p + r + [pad] * (8 - len(p) - len(r)) for p, r in rows])
+    with torch.no_grad():
+        got = reward.reply_likelihood(model, ids, np.array([len(r) for _, r in rows]), pad)
+        for (prompt, reply), value in zip(rows, got):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + reply])).logits[0], -1)
+            by_hand = np.mean([logp[len(prompt) + j - 1, t].item() for j, t in enumerate(reply)])
+            assert value == pytest.approx(by_hand, abs=1e-5)
 
 
 def kg(subject: str, kind: str, objects: list[str], relation: str = "has") -> dict:

@@ -45,7 +45,9 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     for source in ("constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option"):
         row = accuracy["per_source"][source]
         assert 8 < row["train_pairs"] / row["pairs"] < 40, (source, row)
-    assert "longer-reply baseline" in (cfg.stage_dir("rm") / "accuracy.md").read_text()
+    assert all(0 <= row["base_likelihood"] <= 1 for row in accuracy["per_source"].values())
+    table = (cfg.stage_dir("rm") / "accuracy.md").read_text()
+    assert "| longer-reply baseline | SFT likelihood baseline |" in table
     scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
 
