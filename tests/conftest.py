@@ -93,7 +93,7 @@ def trained(built):
 # Small steps: 8 prompts x 4 samples, responses up to 24 tokens; the rule rewards a 6-token answer. The
 # session's SFT model is barely trained (near-uniform next-token distributions), hence the high lr.
 SMALL_PPO = ["ppo.prompts_per_step=8", "ppo.samples_per_prompt=4", "ppo.minibatch=16", "ppo.max_new_tokens=24",
-         "ppo.eval_prompts=8", "ppo.reward=length:6", "ppo.lr=2e-3"]
+             "ppo.eval_prompts=8", "ppo.reward=length:6", "ppo.lr=2e-3"]
 
 
 def ppo_args(run_root: Path, cfg, steps: int, *extra: str) -> list[str]:

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A cluster started the way a user starts one (`ray start --head`), once for this module's jobs, stopped through its own process (SIGINT to `--block` shuts down what it started; never
-    `ray stop`): (ray cli, dashboard url, env)."""
+    """A cluster started the way a user starts one (`ray start --head`), once for this module's jobs,
+    stopped through its own process (SIGINT to `--block` shuts down what it started; never `ray stop`):
+    (ray cli, dashboard url, env)."""
     tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}

@@ -19,6 +19,8 @@ from clinicalgpt.experience import build_batch
 from conftest import SMALL_PPO, history, isolated_run, ppo_args, scrape_metrics
 
 pytestmark = pytest.mark.e2e
+
+
 def test_ppo_learns_a_verifiable_reward_with_bounded_kl_then_resumes(trained, tmp_path):
     from jobs import ppo
     cfg, _ = trained
