@@ -1,4 +1,5 @@
-"""Chats -> token ids with response-only labels -> fixed-length packed sequences, on Ray Data.
+"""Chats -> token ids with response-only labels -> fixed-length packed sequences, on Ray Data; written
+once as Parquet streams that the training stages read.
 
 Labels are -100 everywhere except the assistant turns (content and end-of-turn token), which is the
 paper's SFT loss: (1/n) sum over response tokens of -log p(w_i | w_<i). Packed rows carry
@@ -9,9 +10,18 @@ it does so only without attention_mask and KV cache: call the model with use_cac
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
+import ray.data
 
 from .records import hash_fraction
 
@@ -130,8 +140,7 @@ def packed_dataset(cfg, splits: list[str], tasks: list[str], mode: str = "chat",
                    fractions: dict[str, float] | None = None) -> ray.data.Dataset:
     """A packed stream: records of `tasks` in `splits`, optionally subsampled per task (`fractions`) and
     shuffled row by row (shuffle_seed; the corpus is written grouped by task, and training on one task's
-    shard at a time would swing the loss), tokenized and packed by Ray Data actors (fractional CPUs, so
-    they share cores with the training workers)."""
+    shard at a time would swing the loss), tokenized and packed by Ray Data actors."""
     from .corpus import read_records
     records = read_records(cfg, splits, tasks)
     if fractions:
@@ -145,3 +154,68 @@ def packed_dataset(cfg, splits: list[str], tasks: list[str], mode: str = "chat",
                                                 "max_len": cfg.seq.max_len, "together": cfg.seq.pack,
                                                 "mode": mode},
         batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=(1, 2), num_cpus=0.5)
+
+
+# What training reads of a packed row (the rest are packing statistics).
+TRAIN_COLUMNS = ["input_ids", "labels", "position_ids", "num_samples", "num_tokens"]
+
+
+def tokenizer_fingerprint(cfg) -> str:
+    """Identifies the tokenizer and chat template a stream was packed with."""
+    from .tokenizer import load_tokenizer
+    tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
+    return hashlib.sha256((tok.backend_tokenizer.to_str() + tok.chat_template).encode()).hexdigest()[:16]
+
+
+def packed_stream(cfg, name: str, spec: dict) -> Path:
+    """The folder of packed stream `name` (records of spec's splits and tasks, sampled by its fractions,
+    shuffled by its seed, tokenized in its mode and packed), written once under data/packed/ by Ray Data
+    and rewritten only when what shapes it changes (spec, sequence settings, tokenizer, records)."""
+    folder = cfg.data_dir / "packed" / name
+    shards = cfg.data_dir / "records"  # identified relative to it: a run may reach the data through a link
+    records = sorted((str(f.relative_to(shards)), f.stat().st_size, f.stat().st_mtime_ns) for f in shards.rglob("*.parquet"))
+    shape = {**spec, "max_len": cfg.seq.max_len, "pack": cfg.seq.pack, "tokenizer": tokenizer_fingerprint(cfg),
+             "records": hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]}
+    info = folder / "stream.json"
+    if info.exists() and json.loads(info.read_text())["shape"] == shape:
+        return folder
+    started = time.time()
+    print(f"[data] packing the {name} stream ({spec['mode']} mode, {'+'.join(spec['splits'])}: "
+          f"{', '.join(spec['tasks'])})", flush=True)
+    partial = folder.with_name(name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    options = ray.data.DataContext.get_current().execution_options
+    ordered, options.preserve_order = options.preserve_order, True  # the same rows in the same files every build
+    try:
+        packed_dataset(cfg, spec["splits"], spec["tasks"], mode=spec["mode"], shuffle_seed=spec.get("seed"),
+                       fractions=spec.get("fractions")).write_parquet(str(partial))
+    finally:
+        options.preserve_order = ordered
+    stats = pq.read_table(partial, columns=["num_samples", "num_tokens", "skipped_over_length"])
+    total = {c: int(pc.sum(stats[c]).as_py() or 0) for c in stats.column_names}
+    rows = stats.num_rows
+    summary = {"rows": rows, "samples": total["num_samples"], "skipped_over_length": total["skipped_over_length"],
+               "packing_efficiency": round(total["num_tokens"] / max(rows * cfg.seq.max_len, 1), 4),
+               "seconds": round(time.time() - started, 1)}
+    (partial / "stream.json").write_text(json.dumps({"shape": shape, **summary}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)  # a stream is either whole or absent
+    print(f"[data] {name}: {summary['samples']:,} samples -> {rows:,} rows of {cfg.seq.max_len} "
+          f"({summary['packing_efficiency']:.1%} filled) in {summary['seconds']} s", flush=True)
+    return folder
+
+
+def stream_rows(folder: Path) -> int:
+    return json.loads((folder / "stream.json").read_text())["rows"]
+
+
+def read_stream(folder: Path) -> ray.data.Dataset:
+    """A packed stream as a Ray Dataset, one block per file, in the order it was written (shuffled)."""
+    files = sorted(str(f) for f in folder.glob("*.parquet"))
+    return ray.data.read_parquet(files, columns=TRAIN_COLUMNS, override_num_blocks=len(files))
+
+
+def first_rows(folder: Path, n: int) -> dict[str, np.ndarray]:
+    """The first n rows of a packed stream as numpy arrays (a stage's fixed held-out set), read directly."""
+    table = pq.ParquetDataset(sorted(str(f) for f in folder.glob("*.parquet"))).read(columns=TRAIN_COLUMNS).slice(0, n)
+    return {c: np.array(table.column(c).to_pylist(), dtype=np.int64) for c in TRAIN_COLUMNS}

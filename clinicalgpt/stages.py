@@ -13,6 +13,8 @@ from .trainer import Task, apply_lora, causal_lm_loss, export_hf
 
 # Tasks whose text teaches the model medicine: everything with a training split except preference pairs.
 CORPUS_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]
+# How each causal stage reads the records: pretraining on plain text, SFT on chats with response-only labels.
+STAGE_MODES = {"pretrain": "text", "sft": "chat"}
 
 
 class CausalLMTask(Task):
@@ -32,24 +34,25 @@ class CausalLMTask(Task):
         export_hf(model, cfg, out, adapter_dir=out.parent / "adapter")
 
 
-def estimated_rows(cfg: Config, splits: list[str], tasks: list[str], fractions: dict[str, float]) -> int:
-    """Packed rows of a stream, from the data manifest's token counts (for epoch-based step counts)."""
-    manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
-    tokens = sum(manifest["tokens"].get(s, {}).get(t, {}).get("tokens", 0) * fractions.get(t, 1.0)
-                 for s in splits for t in tasks)
-    return max(1, int(tokens) // cfg.seq.max_len)
+def stage_streams(cfg: Config, stage: str) -> dict[str, dict]:
+    """The packed streams a causal stage reads: its training stream (sampled and shuffled by the stage's
+    settings) and its held-out set (the QA and dialogue validation records)."""
+    tc, mode = getattr(cfg, stage), STAGE_MODES[stage]
+    return {f"{stage}_train": {"mode": mode, "splits": ["train"], "tasks": CORPUS_TASKS,
+                               "fractions": dict(sorted(tc.task_fractions.items())), "seed": tc.seed},
+            f"{stage}_eval": {"mode": mode, "splits": ["valid"], "tasks": ["community_qa", "dialogue"]}}
 
 
-def run_causal_stage(cfg: Config, name: str, tc: TrainConfig, source: str, mode: str) -> dict:
-    """Train stage `name` from `source` on the packed corpus stream (mode "text" or "chat"), evaluate on
-    the held-out QA and dialogue sets, and return the loss-curve summary."""
-    from .packing import packed_dataset
-    from .trainer import fit, steps_for, summarize_history, take_rows
+def run_causal_stage(cfg: Config, name: str, tc: TrainConfig, source: str) -> dict:
+    """Train stage `name` from `source` on its packed corpus stream, evaluate on its held-out set, and
+    return the loss-curve summary. The data job packs the streams; a stage whose settings changed since
+    packs its own."""
+    from .packing import first_rows, packed_stream, read_stream, stream_rows
+    from .trainer import fit, steps_for, summarize_history
 
-    train = packed_dataset(cfg, ["train"], CORPUS_TASKS, mode=mode, shuffle_seed=tc.seed, fractions=tc.task_fractions)
-    eval_rows = take_rows(packed_dataset(cfg, ["valid"], ["community_qa", "dialogue"], mode=mode), tc.eval_rows)
-    steps = steps_for(tc, estimated_rows(cfg, ["train"], CORPUS_TASKS, tc.task_fractions))
-    result = fit(cfg, CausalLMTask(name, source), tc, train, steps, eval_rows)
+    train, held_out = (packed_stream(cfg, stream, spec) for stream, spec in stage_streams(cfg, name).items())
+    steps = steps_for(tc, stream_rows(train))
+    result = fit(cfg, CausalLMTask(name, source), tc, read_stream(train), steps, first_rows(held_out, tc.eval_rows))
     if result.error:
         raise SystemExit(f"[{name}] training failed: {result.error}")
     summary = summarize_history(cfg.stage_dir(name) / "history.jsonl")

@@ -3,9 +3,10 @@
     python jobs/data.py [preset=tiny] [data.root=/path/to/corpora] [key=value ...]
 
 Writes runs/<preset>/data/: records/<split>/<task>/*.parquet, skipped.jsonl (every skipped input line
-with its reason), manifest.json and manifest.md (counts per source, task and split; token counts;
-packing; skip reasons; wall time and peak memory). Presets that train their own tokenizer (tiny)
-train it here on the training records, into the model folder that jobs/bootstrap.py completes.
+with its reason), packed/<stream>/ (the tokenized, packed Parquet streams that pretrain and SFT read),
+manifest.json and manifest.md (counts per source, task and split; token counts; packing; skip reasons;
+wall time and peak memory). Presets that train their own tokenizer (tiny) train it here on the
+training records, into the model folder that jobs/bootstrap.py completes.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import ray
 
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.corpus import build_records, read_records
-from clinicalgpt.packing import IGNORE, pack, tokenize_chats
+from clinicalgpt.packing import IGNORE, pack, packed_stream, tokenize_chats
 from clinicalgpt.runtime import PeakMemory, init_ray
+from clinicalgpt.stages import CORPUS_TASKS, STAGE_MODES, stage_streams
 from clinicalgpt.tokenizer import load_tokenizer, train_tokenizer
-
-SFT_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]
 
 
 def corpus_texts(cfg: Config):
@@ -84,7 +84,7 @@ class CountTokens:
             totals[(split, task, "tokens")] += len(ids)
             totals[(split, task, "trained_tokens")] += sum(x != IGNORE for x in labels)
             totals[(split, task, "over_max_len")] += len(ids) > self.max_len
-            if split == "train" and task in SFT_TASKS and len(ids) <= self.max_len:
+            if split == "train" and task in CORPUS_TASKS and len(ids) <= self.max_len:
                 to_pack.append((ids, labels))
         if to_pack:
             packed = pack(to_pack, self.max_len, self.tokenizer.pad_token_id, self.together)
@@ -108,7 +108,7 @@ def token_counts(cfg: Config) -> tuple[dict, dict]:
         node[row["stat"]] += row["value"]
     packed = dict(out["train"].pop("sft_packed", Counter()))
     packed["packing_efficiency"] = round(packed.get("real_tokens", 0) / max(packed.get("rows", 0) * cfg.seq.max_len, 1), 4)
-    packed["skipped_over_length"] = sum(c["over_max_len"] for t, c in out["train"].items() if t in SFT_TASKS)
+    packed["skipped_over_length"] = sum(c["over_max_len"] for t, c in out["train"].items() if t in CORPUS_TASKS)
     tokens = {split: {task: dict(c) for task, c in sorted(tasks.items())} for split, tasks in out.items()}
     return tokens, packed
 
@@ -135,6 +135,11 @@ def write_report(manifest: dict, out: Path) -> None:
         lines += ["", f"## Packing (train SFT stream, max_len {manifest['max_len']})", "",
                   f"{p['samples']:,} samples -> {p['rows']:,} rows; efficiency {p['packing_efficiency']:.1%}; "
                   f"{p['skipped_over_length']:,} samples over max_len skipped."]
+    if "streams" in manifest:
+        lines += ["", "## Packed streams (packed/; what pretrain and SFT read)", "",
+                  "| stream | samples | rows | filled | samples over max_len | seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {s['samples']:,} | {s['rows']:,} | {s['packing_efficiency']:.1%} | "
+                  f"{s['skipped_over_length']:,} | {s['seconds']} |" for name, s in manifest["streams"].items()]
     lines += ["", "## Skipped input lines (see skipped.jsonl)", "", "| source | reason | lines |", "|---|---|---|"]
     lines += [f"| {s} | {r} | {n:,} |" for s, rs in manifest["skipped"].items() for r, n in rs.items()] or ["| - | - | 0 |"]
     lines += ["", "## Dropped records", "", "| source | reason | records |", "|---|---|---|"]
@@ -172,6 +177,9 @@ def main(argv: list[str]) -> dict:
         manifest = build_records(cfg)
         ensure_tokenizer(cfg)
         manifest["tokens"], manifest["packing"] = token_counts(cfg)
+        manifest["streams"] = {name: {k: v for k, v in json.loads((packed_stream(cfg, name, spec) / "stream.json")
+                                                                 .read_text()).items() if k != "shape"}
+                               for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
     manifest.update(splits=["train", "valid", "rl", "test"], max_len=cfg.seq.max_len,
                     job_seconds=round(time.time() - started, 1), peak_memory_gb=round(mem.peak_gb, 2))
     write_report(manifest, cfg.data_dir)

@@ -1,14 +1,17 @@
 """End to end on the real corpora: the data job builds every set, no evaluation item leaks into training,
-the packed SFT stream feeds torch batches, and the bootstrapped tiny model loads in transformers and vLLM."""
+the packed training streams feed torch batches and are packed once, and the bootstrapped tiny model
+loads in transformers and vLLM."""
 
 import json
 
 import pyarrow.parquet as pq
 import pytest
 
+from clinicalgpt.config import load_config
 from clinicalgpt.corpus import read_records
-from clinicalgpt.packing import IGNORE, packed_dataset
+from clinicalgpt.packing import IGNORE, first_rows, packed_stream, read_stream, stream_rows
 from clinicalgpt.records import leak_key
+from conftest import isolated_run
 
 pytestmark = pytest.mark.e2e
 
@@ -54,13 +57,34 @@ def test_no_evaluation_item_appears_in_any_training_set(built):
         assert not keys[split] & keys["test"], split
 
 
-def test_packed_sft_stream_feeds_torch_batches(built):
+def test_packed_streams_feed_torch_batches_and_are_packed_once(built, tmp_path):
     cfg, manifest = built
     assert read_records(cfg, ["valid"]).count() == manifest["totals"]["by_split"]["valid"]
-    ds = packed_dataset(cfg, ["valid"], ["community_qa", "dialogue"])
-    batch = next(iter(ds.iter_torch_batches(batch_size=4, drop_last=True)))
-    assert batch["input_ids"].shape == (4, cfg.seq.max_len)
-    assert batch["position_ids"][:, 0].eq(0).all() and (batch["labels"] != IGNORE).any()
+    streams = manifest["streams"]
+    assert set(streams) == {"pretrain_train", "pretrain_eval", "sft_train", "sft_eval"}
+    for name in ("pretrain_train", "sft_train"):
+        assert streams[name]["rows"] > 1000 and streams[name]["packing_efficiency"] > 0.9, (name, streams[name])
+    # SFT trains on a tenth of the KG QA records (sft.task_fractions): fewer samples than all SFT records.
+    assert streams["sft_train"]["samples"] < 0.7 * manifest["packing"]["samples"]
+    sft = next(iter(read_stream(cfg.data_dir / "packed" / "sft_train").iter_torch_batches(batch_size=4)))
+    assert sft["input_ids"].shape == (4, cfg.seq.max_len)
+    assert sft["position_ids"][:, 0].eq(0).all() and (sft["labels"] != IGNORE).any()
+    assert (sft["labels"] != IGNORE).sum() < sft["num_tokens"].sum()  # the prompts are not trained
+    text = first_rows(cfg.data_dir / "packed" / "pretrain_eval", 4)
+    real = text["labels"] != IGNORE  # pretraining trains every token but the padding
+    assert (text["labels"][real] == text["input_ids"][real]).all() and real.sum() == text["num_tokens"].sum()
+
+    # A stream is packed once and reused; a change in what shapes it packs it again.
+    spec = {"mode": "chat", "splits": ["valid"], "tasks": ["diagnosis"]}
+    folder = packed_stream(cfg, "test_diagnosis", spec)
+    written = (folder / "stream.json").stat().st_mtime_ns
+    assert packed_stream(cfg, "test_diagnosis", spec) == folder and (folder / "stream.json").stat().st_mtime_ns == written
+    linked = load_config([f"run_root={isolated_run(cfg, tmp_path)}"])  # a run reaching the data through a link
+    packed_stream(linked, "test_diagnosis", spec)
+    assert (folder / "stream.json").stat().st_mtime_ns == written
+    rows = stream_rows(folder)
+    packed_stream(cfg, "test_diagnosis", {**spec, "tasks": ["diagnosis", "community_qa"]})
+    assert stream_rows(folder) > rows
 
 
 def test_bootstrapped_model_loads_offline_and_generates_in_vllm(built):
