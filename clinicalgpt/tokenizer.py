@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 PAD = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -33,6 +33,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
                                    chat_template=CHATML_TEMPLATE, model_max_length=1 << 20)
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, path: str, arch: str) -> None:
+    """Save a trained tokenizer as a model of architecture `arch` will load it. Beside a config.json,
+    transformers rebuilds some tokenizer classes (Qwen2's) from the vocabulary with their own normalizer
+    and pre-tokenizer; saved that way, the tokenizer alone (the data job's token counts and packed
+    streams, before the model exists) gives the tokens that training, vLLM and serving get."""
+    tok.save_pretrained(path)
+    AutoTokenizer.from_pretrained(path, config=AutoConfig.for_model(arch)).save_pretrained(path)
 
 
 def load_tokenizer(path: str, chat_template: str = "") -> PreTrainedTokenizerFast:

@@ -26,7 +26,7 @@ from clinicalgpt.corpus import build_records, read_records
 from clinicalgpt.packing import IGNORE, pack, packed_stream, tokenize_chats
 from clinicalgpt.runtime import PeakMemory, init_ray
 from clinicalgpt.stages import CORPUS_TASKS, STAGE_MODES, stage_streams
-from clinicalgpt.tokenizer import load_tokenizer, train_tokenizer
+from clinicalgpt.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
 def corpus_texts(cfg: Config):
@@ -53,7 +53,7 @@ def corpus_texts(cfg: Config):
 def _train_tokenizer(cfg: Config) -> int:
     tok = train_tokenizer(corpus_texts(cfg), cfg.model.vocab_size)
     Path(cfg.model_path).mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(cfg.model_path)
+    save_tokenizer(tok, cfg.model_path, cfg.model.arch)
     return len(tok)
 
 

@@ -9,7 +9,7 @@ import torch
 from clinicalgpt.config import ModelConfig
 from clinicalgpt.modeling import build_model
 from clinicalgpt.packing import IGNORE, pack, tokenize_chats
-from clinicalgpt.tokenizer import IM_END, train_tokenizer
+from clinicalgpt.tokenizer import IM_END, load_tokenizer, save_tokenizer, train_tokenizer
 
 CHAT = [{"role": "user", "content": "孩子发烧三天了"}, {"role": "assistant", "content": "体温多少？"},
         {"role": "user", "content": "39度"}, {"role": "assistant", "content": "建议尽快就医。"}]
@@ -23,6 +23,21 @@ def tokenizer(data_root):
             obj = json.loads(raw)
             texts.append(obj["question"] + obj["answer"])
     return train_tokenizer(texts, vocab_size=1200)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "bloom"])
+def test_a_trained_tokenizer_gives_the_same_tokens_before_and_after_its_model_exists(tmp_path, arch):
+    """The data job tokenizes with the tokenizer alone; the stages after it load it beside the model's
+    config.json, which makes transformers rebuild Qwen2's tokenizer with its own pre-tokenizer."""
+    from transformers import AutoConfig
+    texts = ["患者男，45岁，头痛3天，血压160/95 mmHg。", "Take 2 tablets twice a day; call 120 if it's worse.",
+             "孩子发烧39度，咳嗽两天了，需要去医院吗？"]
+    save_tokenizer(train_tokenizer(texts * 20, vocab_size=400), str(tmp_path), arch)
+    alone = load_tokenizer(str(tmp_path))
+    AutoConfig.for_model(arch).save_pretrained(tmp_path)  # what the bootstrap adds
+    beside_the_model = load_tokenizer(str(tmp_path))
+    assert [alone(t)["input_ids"] for t in texts] == [beside_the_model(t)["input_ids"] for t in texts]
+    assert alone.apply_chat_template(CHAT, tokenize=False) == beside_the_model.apply_chat_template(CHAT, tokenize=False)
 
 
 def test_labels_cover_exactly_the_assistant_turns(tokenizer):
