@@ -205,8 +205,9 @@ def packed_stream(cfg, name: str, spec: dict) -> Path:
     return folder
 
 
-def stream_rows(folder: Path) -> int:
-    return json.loads((folder / "stream.json").read_text())["rows"]
+def stream_summary(folder: Path) -> dict:
+    """What packing a stream gave: rows, samples, samples over max_len, fill, seconds."""
+    return {k: v for k, v in json.loads((folder / "stream.json").read_text()).items() if k != "shape"}
 
 
 def read_stream(folder: Path) -> ray.data.Dataset:

@@ -47,11 +47,11 @@ def run_causal_stage(cfg: Config, name: str, tc: TrainConfig, source: str) -> di
     """Train stage `name` from `source` on its packed corpus stream, evaluate on its held-out set, and
     return the loss-curve summary. The data job packs the streams; a stage whose settings changed since
     packs its own."""
-    from .packing import first_rows, packed_stream, read_stream, stream_rows
+    from .packing import first_rows, packed_stream, read_stream, stream_summary
     from .trainer import fit, steps_for, summarize_history
 
     train, held_out = (packed_stream(cfg, stream, spec) for stream, spec in stage_streams(cfg, name).items())
-    steps = steps_for(tc, stream_rows(train))
+    steps = steps_for(tc, stream_summary(train)["rows"])
     result = fit(cfg, CausalLMTask(name, source), tc, read_stream(train), steps, first_rows(held_out, tc.eval_rows))
     if result.error:
         raise SystemExit(f"[{name}] training failed: {result.error}")

@@ -23,7 +23,7 @@ import ray
 
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.corpus import build_records, read_records
-from clinicalgpt.packing import IGNORE, pack, packed_stream, tokenize_chats
+from clinicalgpt.packing import IGNORE, pack, packed_stream, stream_summary, tokenize_chats
 from clinicalgpt.runtime import PeakMemory, init_ray
 from clinicalgpt.stages import CORPUS_TASKS, STAGE_MODES, stage_streams
 from clinicalgpt.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -177,8 +177,7 @@ def main(argv: list[str]) -> dict:
         manifest = build_records(cfg)
         ensure_tokenizer(cfg)
         manifest["tokens"], manifest["packing"] = token_counts(cfg)
-        manifest["streams"] = {name: {k: v for k, v in json.loads((packed_stream(cfg, name, spec) / "stream.json")
-                                                                 .read_text()).items() if k != "shape"}
+        manifest["streams"] = {name: stream_summary(packed_stream(cfg, name, spec))
                                for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
     manifest.update(splits=["train", "valid", "rl", "test"], max_len=cfg.seq.max_len,
                     job_seconds=round(time.time() - started, 1), peak_memory_gb=round(mem.peak_gb, 2))

@@ -9,7 +9,7 @@ import pytest
 
 from clinicalgpt.config import load_config
 from clinicalgpt.corpus import read_records
-from clinicalgpt.packing import IGNORE, first_rows, packed_stream, read_stream, stream_rows
+from clinicalgpt.packing import IGNORE, first_rows, packed_stream, read_stream, stream_summary
 from clinicalgpt.records import leak_key
 from conftest import isolated_run
 
@@ -82,9 +82,9 @@ def test_packed_streams_feed_torch_batches_and_are_packed_once(built, tmp_path):
     linked = load_config([f"run_root={isolated_run(cfg, tmp_path)}"])  # a run reaching the data through a link
     packed_stream(linked, "test_diagnosis", spec)
     assert (folder / "stream.json").stat().st_mtime_ns == written
-    rows = stream_rows(folder)
+    rows = stream_summary(folder)["rows"]
     packed_stream(cfg, "test_diagnosis", {**spec, "tasks": ["diagnosis", "community_qa"]})
-    assert stream_rows(folder) > rows
+    assert stream_summary(folder)["rows"] > rows
 
 
 def test_bootstrapped_model_loads_offline_and_generates_in_vllm(built):
