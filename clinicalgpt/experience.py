@@ -106,7 +106,9 @@ def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", wi
     if getattr(model, "module", model).config.model_type == "bloom":
         inputs.pop("position_ids")  # ALiBi takes its positions from the attention mask
     P = batch["prompt_len"]
-    logits = model(**inputs, use_cache=False).logits[:, P - 1:-1].float()
+    # Only the columns that predict the response go through the vocabulary projection (logits_to_keep).
+    responses = inputs["input_ids"].shape[1] - P
+    logits = model(**inputs, use_cache=False, logits_to_keep=responses + 1).logits[:, :-1].float()
     targets = inputs["input_ids"][:, P:]
     logp = _pad_to(torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), L)
     return (logp, _pad_to(entropy_from_logits(logits), L)) if with_entropy else logp

@@ -246,8 +246,14 @@ def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset,
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     pad = load_tokenizer(model_dir).pad_token_id
     per_source = defaultdict(lambda: ([], [], []))  # source -> (model correct, longer reply, base model's preference)
+    tokenized = list(tokenized_pairs(cfg, test_pairs).iter_batches(batch_size=None, batch_format="numpy"))
+    pairs = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
+    # Scored in order of length, so that a batch holds pairs of about one length and scores() trims most padding.
+    lengths = np.maximum((pairs["chosen_ids"] != pad).sum(1), (pairs["rejected_ids"] != pad).sum(1))
+    order = np.argsort(lengths, kind="stable")
     with torch.no_grad():
-        for batch in tokenized_pairs(cfg, test_pairs).iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for start in range(0, len(order), batch_size):
+            batch = {k: v[order[start:start + batch_size]] for k, v in pairs.items()}
             n = len(batch["chosen_ids"])
             both = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
             ids = torch.as_tensor(both)

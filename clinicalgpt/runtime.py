@@ -21,6 +21,11 @@ JOB_ENV = {
     "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
     # Ray Train's print patch both prints and logs each line from a worker: every progress line twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # After a node is lost, Ray Train restarts at the size the cluster seems to fit; until the GCS has marked
+    # the node dead (missed health checks) that still counts the lost node's resources, and a placement that
+    # cannot happen waits this long before Train retries at the size left (Ray's default: 60 s).
+    # An autoscaling cluster that takes minutes to add nodes can raise it.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20"),
 }
 
 

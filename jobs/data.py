@@ -23,9 +23,9 @@ import ray
 
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.corpus import build_records, read_records
-from clinicalgpt.packing import IGNORE, pack, packed_stream, stream_summary, tokenize_chats
+from clinicalgpt.packing import IGNORE, packed_stream, stream_summary, tokenize_chats
 from clinicalgpt.runtime import PeakMemory, init_ray
-from clinicalgpt.stages import CORPUS_TASKS, STAGE_MODES, stage_streams
+from clinicalgpt.stages import STAGE_MODES, stage_streams
 from clinicalgpt.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -67,50 +67,38 @@ def ensure_tokenizer(cfg: Config) -> str:
 
 
 class CountTokens:
-    """Ray Data callable: per-batch token counts by (split, task), and for the training SFT tasks the
-    rows that packing this batch gives (the stream packer packs the same way, batch by batch)."""
+    """Ray Data callable: per-batch token counts by (split, task): tokens, trained (response) tokens and
+    records over max_len. What packing gives is in each packed stream's summary."""
 
-    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int, together: bool):
+    def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
-        self.max_len, self.together = max_len, together
+        self.max_len = max_len
 
     def __call__(self, batch: pa.Table) -> dict:
         chats = [[dict(m) for m in msgs] for msgs in batch.column("messages").to_pylist()]
         totals: Counter = Counter()
-        to_pack = []
         for split, task, (ids, labels) in zip(batch.column("split").to_pylist(), batch.column("task").to_pylist(),
                                               tokenize_chats(self.tokenizer, chats)):
             totals[(split, task, "records")] += 1
             totals[(split, task, "tokens")] += len(ids)
             totals[(split, task, "trained_tokens")] += sum(x != IGNORE for x in labels)
             totals[(split, task, "over_max_len")] += len(ids) > self.max_len
-            if split == "train" and task in CORPUS_TASKS and len(ids) <= self.max_len:
-                to_pack.append((ids, labels))
-        if to_pack:
-            packed = pack(to_pack, self.max_len, self.tokenizer.pad_token_id, self.together)
-            totals[("train", "sft_packed", "samples")] += len(to_pack)
-            totals[("train", "sft_packed", "rows")] += len(packed["num_tokens"])
-            totals[("train", "sft_packed", "real_tokens")] += int(packed["num_tokens"].sum())
         keys = list(totals)
         return {"split": [k[0] for k in keys], "task": [k[1] for k in keys], "stat": [k[2] for k in keys],
                 "value": [int(totals[k]) for k in keys]}
 
 
-def token_counts(cfg: Config) -> tuple[dict, dict]:
-    """Token counts per split and task, and the packing of the training SFT stream."""
+def token_counts(cfg: Config) -> dict:
+    """Token counts per split and task."""
     ds = read_records(cfg, ["train", "valid", "rl", "test"]).map_batches(
         CountTokens, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template,
-                                            "max_len": cfg.seq.max_len, "together": cfg.seq.pack},
-        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=1)  # one actor: bounded memory
+                                            "max_len": cfg.seq.max_len},
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=2)  # tokenizing is the job's longest step
     out: dict = {}
     for row in ds.iter_rows():
         node = out.setdefault(row["split"], {}).setdefault(row["task"], Counter())
         node[row["stat"]] += row["value"]
-    packed = dict(out["train"].pop("sft_packed", Counter()))
-    packed["packing_efficiency"] = round(packed.get("real_tokens", 0) / max(packed.get("rows", 0) * cfg.seq.max_len, 1), 4)
-    packed["skipped_over_length"] = sum(c["over_max_len"] for t, c in out["train"].items() if t in CORPUS_TASKS)
-    tokens = {split: {task: dict(c) for task, c in sorted(tasks.items())} for split, tasks in out.items()}
-    return tokens, packed
+    return {split: {task: dict(c) for task, c in sorted(tasks.items())} for split, tasks in out.items()}
 
 
 def write_report(manifest: dict, out: Path) -> None:
@@ -130,13 +118,8 @@ def write_report(manifest: dict, out: Path) -> None:
         for task, c in tasks.items():
             lines.append(f"| {split} | {task} | {c.get('tokens', 0):,} | {c.get('trained_tokens', 0):,} | "
                          f"{c.get('over_max_len', 0):,} |")
-    if "packing" in manifest:
-        p = manifest["packing"]
-        lines += ["", f"## Packing (train SFT stream, max_len {manifest['max_len']})", "",
-                  f"{p['samples']:,} samples -> {p['rows']:,} rows; efficiency {p['packing_efficiency']:.1%}; "
-                  f"{p['skipped_over_length']:,} samples over max_len skipped."]
     if "streams" in manifest:
-        lines += ["", "## Packed streams (packed/; what pretrain and SFT read)", "",
+        lines += ["", f"## Packed streams (packed/, rows of {manifest['max_len']} tokens; what pretrain and SFT read)", "",
                   "| stream | samples | rows | filled | samples over max_len | seconds |", "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {s['samples']:,} | {s['rows']:,} | {s['packing_efficiency']:.1%} | "
                   f"{s['skipped_over_length']:,} | {s['seconds']} |" for name, s in manifest["streams"].items()]
@@ -156,10 +139,6 @@ def print_summary(m: dict) -> None:
     if "tokens" in m:
         train = m["tokens"].get("train", {})
         print("[data] train tokens:", ", ".join(f"{t} {c['tokens']:,}" for t, c in train.items()))
-    if "packing" in m:
-        p = m["packing"]
-        print(f"[data] packed train SFT: {p['samples']:,} samples -> {p['rows']:,} rows of {m['max_len']}, "
-              f"efficiency {p['packing_efficiency']:.1%}")
     print(f"[data] skipped {m['skipped_total']:,} lines:",
           ", ".join(f"{s}/{r} {n}" for s, rs in m["skipped"].items() for r, n in rs.items()) or "none")
     dropped = Counter()
@@ -176,7 +155,7 @@ def main(argv: list[str]) -> dict:
         init_ray(cfg)
         manifest = build_records(cfg)
         ensure_tokenizer(cfg)
-        manifest["tokens"], manifest["packing"] = token_counts(cfg)
+        manifest["tokens"] = token_counts(cfg)
         manifest["streams"] = {name: stream_summary(packed_stream(cfg, name, spec))
                                for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
     manifest.update(splits=["train", "valid", "rl", "test"], max_len=cfg.seq.max_len,

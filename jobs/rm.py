@@ -10,6 +10,7 @@ tensorboard, accuracy.json / accuracy.md, summary.json.
 
 import json
 import sys
+from collections import Counter
 
 import ray
 
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> dict:
     tc, out = cfg.rm, cfg.stage_dir("rm")
     pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
     train = pairs.filter(lambda r: r["split"] == "train").materialize()  # counted twice below
-    trained_on = {r["source"]: r["count()"] for r in train.groupby("source").count().take_all()}
+    trained_on = Counter(train.select_columns(["source"]).to_pandas()["source"])
     train = train.random_shuffle(seed=tc.seed)  # sources are in blocks
     test = pairs.filter(lambda r: r["split"] == "test")
     eval_rows = take_rows(tokenized_pairs(cfg, test.random_shuffle(seed=tc.seed)), tc.eval_rows)

@@ -1,6 +1,7 @@
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,17 @@ SMALL_PPO = ["ppo.prompts_per_step=8", "ppo.samples_per_prompt=4", "ppo.minibatc
 def ppo_args(run_root: Path, cfg, steps: int, *extra: str) -> list[str]:
     return [f"run_root={run_root}", f"data.root={cfg.data_root}", f"ppo.steps={steps}", "ppo.eval_every=10",
             "ppo.checkpoint_every=10", *SMALL_PPO, *extra]
+
+
+def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0, timeout: float = 400) -> int:
+    """Wait until a history row past the first `after` rows reaches `step`; the number of rows then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if any(r["step"] >= step for r in rows[after:]):
+            return len(rows)
+        time.sleep(1)
+    raise AssertionError(f"step {step} not reached (job exit code {proc.poll()})")
 
 
 def free_ports(n: int) -> list[int]:

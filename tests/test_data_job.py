@@ -11,6 +11,7 @@ from clinicalgpt.config import load_config
 from clinicalgpt.corpus import read_records
 from clinicalgpt.packing import IGNORE, first_rows, packed_stream, read_stream, stream_summary
 from clinicalgpt.records import leak_key
+from clinicalgpt.stages import CORPUS_TASKS
 from conftest import isolated_run
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +43,8 @@ def test_manifest_reports_counts_tokens_and_skips(built):
     assert skipped_lines == manifest["skipped_total"] > 0  # e.g. KG rows whose objects are all truncated
     train_tokens = manifest["tokens"]["train"]
     assert train_tokens["kg_qa"]["tokens"] > train_tokens["kg_qa"]["trained_tokens"] > 0
-    assert manifest["packing"]["packing_efficiency"] > 0.9
+    assert all(s["packing_efficiency"] > 0.9 for s in manifest["streams"].values()), manifest["streams"]
+    assert "## Packed streams" in (cfg.data_dir / "manifest.md").read_text()
     assert manifest["peak_memory_gb"] < 4.0
 
 
@@ -65,7 +67,8 @@ def test_packed_streams_feed_torch_batches_and_are_packed_once(built, tmp_path):
     for name in ("pretrain_train", "sft_train"):
         assert streams[name]["rows"] > 1000 and streams[name]["packing_efficiency"] > 0.9, (name, streams[name])
     # SFT trains on a tenth of the KG QA records (sft.task_fractions): fewer samples than all SFT records.
-    assert streams["sft_train"]["samples"] < 0.7 * manifest["packing"]["samples"]
+    all_sft = sum(manifest["tokens"]["train"][task]["records"] for task in CORPUS_TASKS)
+    assert streams["sft_train"]["samples"] < 0.7 * all_sft
     sft = next(iter(read_stream(cfg.data_dir / "packed" / "sft_train").iter_torch_batches(batch_size=4)))
     assert sft["input_ids"].shape == (4, cfg.seq.max_len)
     assert sft["position_ids"][:, 0].eq(0).all() and (sft["labels"] != IGNORE).any()

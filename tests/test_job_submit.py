@@ -1,6 +1,7 @@
 """Jobs as users run them on a cluster: `ray job submit --working-dir . -- python jobs/<stage>.py` against a
 head started with `ray start --head` (token authentication on, as Ray 2.60 starts it), for a training
-stage (Ray Train inside the job) and for PPO with the reward model (its Ray actor roles inside the job)."""
+stage (Ray Train inside the job), resuming a run that was interrupted, and for PPO with the reward model
+(its Ray actor roles inside the job)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clinicalgpt.config import load_config
-from conftest import REPO, free_ports, history, isolated_run, ppo_args, stage_args
+from conftest import REPO, free_ports, history, isolated_run, ppo_args, stage_args, wait_for_step
 
 pytestmark = pytest.mark.e2e
 
@@ -51,14 +52,31 @@ def submit_job(ray_head, cwd: Path, *command: str) -> str:
         time.sleep(5)
 
 
-def test_a_stage_runs_under_ray_job_submit(built, tmp_path, ray_head):
+@pytest.mark.chaos
+def test_an_interrupted_stage_resumes_under_ray_job_submit_on_fewer_workers(built, tmp_path, ray_head):
+    """A training job is killed with the local cluster it started (a crash, not a stop); submitted again
+    with `ray job submit` on fewer workers than saved its checkpoint, it resumes from that checkpoint
+    instead of starting over (the weights restore; ZeRO-2's per-rank optimizer shards cannot) and finishes."""
     cfg, _ = built
     run_root = isolated_run(cfg, tmp_path)
-    out = submit_job(ray_head, tmp_path, "python", "jobs/pretrain.py", f"run_root={run_root}",
-                     f"data.root={cfg.data_root}", *stage_args("pretrain", 2))
+    argv = [f"run_root={run_root}", f"data.root={cfg.data_root}"] + stage_args(
+        "pretrain", 6, checkpoint_every=2, min_workers=1, num_workers=2)
+    run = load_config(argv)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "pretrain.py"), *argv],
+                            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        interrupted_after = wait_for_step(run.stage_dir("pretrain") / "history.jsonl", 3, proc)
+    finally:
+        proc.kill()  # interrupted, with a checkpoint every 2 steps behind it
+        proc.wait()
+    out = submit_job(ray_head, tmp_path, "python", "jobs/pretrain.py", *argv, "pretrain.num_workers=1",
+                     "pretrain.min_workers=0")
     assert "succeeded" in out, out[-3000:]
-    assert [h["step"] for h in history(load_config([f"run_root={run_root}"]), "pretrain")] == [1, 2]
-    assert (run_root / cfg.preset / "pretrain" / "final" / "config.json").exists()
+    steps = [h["step"] for h in history(run, "pretrain")]
+    resumed_at = steps[interrupted_after]  # the rerun's first step: right after a checkpoint
+    assert 1 < resumed_at <= steps[interrupted_after - 1] + 1 and (resumed_at - 1) % 2 == 0, steps
+    assert steps[-1] == 6 and (run.stage_dir("pretrain") / "final" / "config.json").exists()
+    assert f"resumed from step {resumed_at - 1} on 1 worker(s) (saved by 2" in out, out[-3000:]
 
 
 def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head):
