@@ -93,7 +93,7 @@ def token_counts(cfg: Config) -> dict:
     ds = read_records(cfg, ["train", "valid", "rl", "test"]).map_batches(
         CountTokens, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template,
                                             "max_len": cfg.seq.max_len},
-        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=2)  # tokenizing is the job's longest step
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=1)  # one actor: bounded memory (two were no faster here)
     out: dict = {}
     for row in ds.iter_rows():
         node = out.setdefault(row["split"], {}).setdefault(row["task"], Counter())
