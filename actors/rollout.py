@@ -47,6 +47,7 @@ class RolloutActor:
                           "install the cpu or gpu extra")
             from clinicalgpt.modeling import load_model
             self.model = load_model(model_path, dtype).eval()
+        self.dtype = dtype
         self.pad_id = self._pad_id(model_path)
         self.weights_version = 0  # the weights pushed last (0: those it was built from)
 
@@ -56,28 +57,30 @@ class RolloutActor:
         return load_tokenizer(path).pad_token_id
 
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, weights_version: int | None = None) -> list[dict]:
+                 top_p: float = 1.0, seed: int | None = None, weights_version: int | None = None,
+                 logprobs: bool = True) -> list[dict]:
         """n samples per prompt, in prompt order (prompt 0's n samples first): response token ids and
-        the engine's log-prob of each sampled token. temperature 0 is greedy. Prompt i samples with seed
+        the engine's log-prob of each sampled token (an empty list with logprobs=False: they cost vLLM
+        about as much time as the decoding here). temperature 0 is greedy. Prompt i samples with seed
         seed + i: one seed for all would give every prompt the same random draws. With weights_version,
         raises StaleWeights unless the engine holds that version."""
         if weights_version is not None and weights_version != self.weights_version:
             raise StaleWeights(f"engine holds weights version {self.weights_version}, the policy {weights_version}")
         if not self.uses_vllm:
-            return self._generate_transformers(prompts, n, max_new_tokens, temperature, top_p, seed)
+            return self._generate_transformers(prompts, n, max_new_tokens, temperature, top_p, seed, logprobs)
         from vllm import SamplingParams
-        params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+        params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 logprobs=0 if logprobs else None,
                                  seed=None if seed is None else seed + i) for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         samples = []
         for out in outputs:
             for c in out.outputs:
                 ids = list(c.token_ids)
-                logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], ids)]
-                samples.append({"ids": ids, "logprobs": logprobs})
+                samples.append({"ids": ids, "logprobs": [step[t].logprob for step, t in zip(c.logprobs or [], ids)]})
         return samples
 
-    def _generate_transformers(self, prompts, n, max_new_tokens, temperature, top_p, seed) -> list[dict]:
+    def _generate_transformers(self, prompts, n, max_new_tokens, temperature, top_p, seed, logprobs) -> list[dict]:
         if seed is not None:
             torch.manual_seed(seed)
         samples = []
@@ -92,8 +95,9 @@ class RolloutActor:
                 new = out.sequences[row, len(p):].tolist()
                 eos = self.model.generation_config.eos_token_id
                 length = next((i + 1 for i, t in enumerate(new) if t == eos), len(new))
-                logprobs = [torch.log_softmax(out.scores[i][row].float(), -1)[new[i]].item() for i in range(length)]
-                samples.append({"ids": new[:length], "logprobs": logprobs})
+                scores = ([torch.log_softmax(out.scores[i][row].float(), -1)[new[i]].item() for i in range(length)]
+                          if logprobs else [])
+                samples.append({"ids": new[:length], "logprobs": scores})
         return samples
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
@@ -124,6 +128,17 @@ class RolloutActor:
         else:
             self.model.load_state_dict(state_dict, strict=False)
         self.weights_version = version
+
+    def load_model(self, model_path: str) -> None:
+        """Take another model's weights, read from its folder, in place of the current ones: for a model
+        of the same architecture and generation config (the caller checks), instead of a new engine."""
+        if self.uses_vllm:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            self.llm.reset_prefix_cache()
+        else:
+            from clinicalgpt.modeling import load_model
+            self.model = load_model(model_path, self.dtype).eval()
+        self.weights_version = 0
 
     # vLLM's weight-transfer control plane (ppo.weight_sync=nccl): learner rank 0 calls these through
     # vLLM's RayVLLMWeightSyncClient while it broadcasts the weights themselves.

@@ -38,24 +38,27 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if m["role"] != "assistant":
             continue
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        if not text.startswith(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)):
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(through):
             raise ValueError("the chat template is not prefix-stable; response masks cannot be derived")
-        spans.append((start, end))
+        spans.append((start, len(through)))
     return text, spans
 
 
 def tokenize_chats(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per chat; labels copy the ids inside assistant spans, else IGNORE."""
+    """(input_ids, labels) per chat; labels copy the ids of tokens that start inside an assistant span,
+    else IGNORE."""
     rendered = [assistant_spans(tokenizer, chat) for chat in chats]
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
-        labels = [IGNORE] * len(ids)
-        for t, (a, b) in enumerate(offsets):
-            if b > a and any(s <= a < e for s, e in spans):
-                labels[t] = ids[t]
-        out.append((ids, labels))
+        ids = np.asarray(ids, dtype=np.int64)
+        starts, ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
+        trained = np.zeros(len(ids), dtype=bool)
+        for s, e in spans:
+            trained |= (starts >= s) & (starts < e)
+        trained &= ends > starts  # tokens that cover no characters (special tokens added by the tokenizer)
+        out.append((ids.tolist(), np.where(trained, ids, IGNORE).tolist()))
     return out
 
 

@@ -3,8 +3,11 @@
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
 from conftest import isolated_run
 
 pytestmark = pytest.mark.e2e
@@ -17,7 +20,7 @@ def eval_args(run_root, cfg, *extra: str) -> list[str]:
             "eval.max_new_tokens.safety=32", *extra]
 
 
-def test_eval_compares_models_on_every_family_and_writes_the_report(trained, tmp_path):
+def test_eval_compares_models_on_every_family_and_writes_the_report(trained, tmp_path, capsys):
     from jobs import eval as evaluation
     cfg, _ = trained
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "pretrain", "sft", "rm"))
@@ -50,6 +53,17 @@ def test_eval_compares_models_on_every_family_and_writes_the_report(trained, tmp
         assert title in report
     for chart in ("conversation", "exam", "diagnosis", "qa", "safety"):
         assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The SFT model answered on the pretrained model's engine with its own weights loaded in place: its
+    # answers are its own greedy decoding (transformers, fp32), not the pretrained model's.
+    assert "sft: weights loaded into the running engine" in capsys.readouterr().out
+    assert any(i["outputs"]["pretrain"] != i["outputs"]["sft"] for i in items)
+    sft = results["paths"][1]
+    tok, model = load_tokenizer(sft, cfg.model.chat_template), AutoModelForCausalLM.from_pretrained(sft)
+    for item in [i for i in items if i["family"] == "diagnosis"][:4]:
+        ids = torch.tensor([prompt_ids(tok, item["prompt"])])
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+        assert tok.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True) == item["outputs"]["sft"]
 
 
 def test_eval_says_what_to_run_first_and_refuses_unknown_families(trained, tmp_path):
