@@ -8,12 +8,18 @@ Falls back to transformers generation, with a warning, only when vLLM is not ins
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
+import time
 import warnings
+from pathlib import Path
 
 import ray
 import torch
+
+from actors.placement import role_actors
+from clinicalgpt.config import RoleConfig
 
 # vLLM pickles the weight-loading function to its engine process only when allowed.
 # Its INFO lines (dozens per engine start) would bury the job's progress lines.
@@ -162,3 +168,51 @@ class RolloutActor:
     def shutdown(self) -> None:
         if self.uses_vllm:
             self.llm.llm_engine.engine_core.shutdown()
+
+
+def architecture(path: str) -> str | None:
+    """What an engine built for this model can also run with only new weights: its config and
+    generation config (stop tokens), without the fields that name the model. None: not a local folder."""
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        return None
+    files = [json.loads((folder / f).read_text())
+             for f in ("config.json", "generation_config.json") if (folder / f).exists()]
+    return json.dumps([{k: v for k, v in f.items() if k not in ("_name_or_path", "transformers_version")}
+                       for f in files], sort_keys=True)
+
+
+class RolloutEngines:
+    """Rollout engines (one role) that answer for one model after another: a model of the same
+    architecture as the last gets its weights loaded in place (0.1 s) instead of new engines (about
+    40 s each on CPU)."""
+
+    def __init__(self, role: RoleConfig, name: str, max_len: int, seed: int, memory_fraction: float, dtype: str):
+        self.role, self.name, self.args = role, name, (max_len, seed, memory_fraction, dtype)
+        self.actors, self.group, self.architecture = [], None, None
+
+    def load(self, model: str, path: str) -> list:
+        """The engines, holding `path`'s weights; `model` names it in the progress line."""
+        started, arch = time.time(), architecture(path)
+        if arch is not None and arch == self.architecture:
+            ray.get([a.load_model.remote(path) for a in self.actors])
+            seconds = time.time() - started
+            print(f"[{self.name}] {model}: weights loaded into the running engine(s) in {seconds:.1f}s", flush=True)
+            return self.actors
+        self.close()
+        max_len, seed, memory_fraction, dtype = self.args
+        self.actors, self.group = role_actors(RolloutActor, self.role, f"{self.name}-{model}", lambda i: (
+            path, max_len, seed + i, memory_fraction, dtype))
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        self.architecture = arch
+        print(f"[{self.name}] {model}: {len(self.actors)} engine(s) started in {time.time() - started:.1f}s",
+              flush=True)
+        return self.actors
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.get(a.shutdown.remote())
+            ray.kill(a)
+        if self.group:
+            ray.util.remove_placement_group(self.group)
+        self.actors, self.group, self.architecture = [], None, None

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.placement import role_actors
 from actors.reward import RewardActor
-from actors.rollout import RolloutActor
+from actors.rollout import RolloutEngines
 from clinicalgpt import evaluation as ev
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.experience import build_batch
@@ -69,51 +68,6 @@ def drop_long(cfg: Config, items: dict[str, list[dict]], tokenizers: list) -> di
         kept = [r for r in rows if all(len(prompt_ids(t, r["messages"])) <= limit for t in tokenizers)]
         skipped[family], items[family] = len(rows) - len(kept), kept
     return skipped
-
-
-def architecture(path: str) -> str | None:
-    """What an engine built for this model can also run with only new weights: its config and
-    generation config (stop tokens), without the fields that name the model. None: not a local folder."""
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        return None
-    files = [json.loads((folder / f).read_text())
-             for f in ("config.json", "generation_config.json") if (folder / f).exists()]
-    return json.dumps([{k: v for k, v in f.items() if k not in ("_name_or_path", "transformers_version")}
-                       for f in files], sort_keys=True)
-
-
-class Engines:
-    """The vLLM engines (eval.rollout) that answer for one model after another: a model of the same
-    architecture as the last gets its weights loaded in place (0.1 s) instead of new engines (about a
-    minute each on CPU)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg, self.actors, self.group, self.architecture = cfg, [], None, None
-
-    def load(self, name: str, path: str) -> list:
-        started, arch = time.time(), architecture(path)
-        if self.actors and arch is not None and arch == self.architecture:
-            ray.get([a.load_model.remote(path) for a in self.actors])
-            print(f"[eval] {name}: weights loaded into the running engine(s) in {time.time() - started:.1f}s",
-                  flush=True)
-            return self.actors
-        self.close()
-        e = self.cfg.eval
-        self.actors, self.group = role_actors(RolloutActor, e.rollout, f"eval-{name}", lambda i: (
-            path, self.cfg.seq.max_len, e.seed + i, e.rollout_memory_fraction, self.cfg.model.dtype))
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
-        self.architecture = arch
-        print(f"[eval] {name}: {len(self.actors)} engine(s) started in {time.time() - started:.1f}s", flush=True)
-        return self.actors
-
-    def close(self) -> None:
-        for a in self.actors:
-            ray.get(a.shutdown.remote())
-            ray.kill(a)
-        if self.group:
-            ray.util.remove_placement_group(self.group)
-        self.actors, self.group = [], None
 
 
 def answer_all(cfg: Config, name: str, path: str, engines: list, items: dict[str, list[dict]]) -> dict[str, list[str]]:
@@ -296,7 +250,8 @@ def main(argv: list[str]) -> dict:
     skipped = drop_long(cfg, items, [load_tokenizer(p, cfg.model.chat_template) for p in paths])
     print(f"[eval] {len(names)} models x {', '.join(f'{f} {len(r)}' for f, r in items.items())} items "
           f"(too long, dropped: {skipped})", flush=True)
-    engines, answers = Engines(cfg), {}
+    engines, answers = RolloutEngines(e.rollout, "eval", cfg.seq.max_len, e.seed, e.rollout_memory_fraction,
+                                      cfg.model.dtype), {}
     try:
         for name, path in zip(names, paths):
             answers[name] = answer_all(cfg, name, path, engines.load(name, path), items)
