@@ -1,7 +1,7 @@
 """Stage 6: PPO, the controller. Ray actors play the RLHF roles (actors/): vLLM rollout engines, the
 frozen SFT reference, the reward model, and a group of DeepSpeed ZeRO-2 learners (policy + critic).
 
-    python jobs/ppo.py [preset=tiny] [ppo.steps=30] [ppo.reward=model|length:16|contains:医生]
+    python jobs/ppo.py [preset=tiny] [ppo.steps=20] [ppo.reward=model|length:16|contains:医生]
         [ppo.advantage=gae|grpo|rloo] [ppo.kl_controller=fixed|adaptive] [key=value ...]
     ray job submit --working-dir . -- python jobs/ppo.py run_root=$PWD/runs data.root=/abs/corpora
 

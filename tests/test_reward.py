@@ -3,6 +3,7 @@ changes nothing), the pairwise loss is -log sigma(r_chosen - r_rejected), constr
 factual error they claim to, and training batches group pairs by length."""
 
 import math
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from clinicalgpt import reward
-from clinicalgpt.config import ModelConfig
+from clinicalgpt.config import ModelConfig, load_config
 from clinicalgpt.modeling import build_config
 from clinicalgpt.records import make_record
 from clinicalgpt.tokenizer import train_tokenizer
@@ -109,6 +110,21 @@ def test_exam_pairs_name_a_wrong_option(monkeypatch):
     (pair,) = reward.exam_pairs(pa.Table.from_pylist([record]), seed=0).to_pylist()
     assert pair["chosen"] == "答案：A。布洛芬" and pair["rejected"] == "答案：B。青霉素"
     assert pair["source"] == "constructed/exam_wrong_option"
+
+
+def test_a_sources_training_share_keeps_that_share_of_its_pairs_by_a_stable_hash():
+    pairs = [{"source": s, "prompt": f"问题{i}", "rejected": f"错误回答{i}"} for i in range(2000) for s in ("a", "b")]
+    kept = [p for p in pairs if reward.in_training_share(p, {"a": 0.2}, seed=0)]
+    counts = Counter(p["source"] for p in kept)
+    assert counts["b"] == 2000  # a source without a share keeps all its pairs
+    assert 340 < counts["a"] < 460  # 0.2 x 2000 = 400, binomial sd 18
+    assert kept == [p for p in pairs if reward.in_training_share(p, {"a": 0.2}, seed=0)]  # the same pairs each run
+    assert kept != [p for p in pairs if reward.in_training_share(p, {"a": 0.2}, seed=1)]
+    # The tiny preset trains on a share of the pairs it cannot learn; presets of real models on all of them
+    # (preset YAML merges into the dataclass defaults, so they must restate the sources).
+    assert load_config([]).rm.pair_fractions == {"constructed/kg_swap": 0.2, "constructed/exam_wrong_option": 0.2}
+    for preset in ("bloom-7b", "qwen2.5-7b"):
+        assert set(load_config([f"preset={preset}"]).rm.pair_fractions.values()) == {1.0}
 
 
 def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
