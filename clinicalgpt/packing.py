@@ -131,12 +131,14 @@ class TokenizeAndPack:
         return packed
 
 
-def keep_sampled(batch: pa.Table, fractions: dict[str, float], seed: int) -> pa.Table:
-    """Ray Data map: keep each record of task t with probability fractions[t] (default 1), by a hash of
-    its id, so a stage can rebalance a corpus dominated by one task."""
-    keep = [hash_fraction("sample", str(seed), i) < fractions.get(t, 1.0)
-            for i, t in zip(batch.column("id").to_pylist(), batch.column("task").to_pylist())]
-    return batch.filter(pa.array(keep))
+def keep_sampled(batch: pa.Table, fractions: dict[str, float], seed: int, group: str = "task",
+                 keys: tuple[str, ...] = ("id",), salt: str = "sample") -> pa.Table:
+    """Ray Data map: keep each row of group g (its `group` column: a task, a pair source) with probability
+    fractions[g] (default 1), by a hash of its `keys` columns, so a stage can rebalance data dominated by
+    one group. The same rows each run."""
+    columns = [batch.column(c).to_pylist() for c in (group, *keys)]
+    keep = [hash_fraction(salt, str(seed), *key) < fractions.get(g, 1.0) for g, *key in zip(*columns)]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
 
 
 def packed_dataset(cfg, splits: list[str], tasks: list[str], mode: str = "chat", shuffle_seed: int | None = None,

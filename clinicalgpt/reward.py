@@ -44,12 +44,6 @@ def pair_row(prompt: str, chosen: str, rejected: str, source: str, key: str, see
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source, "split": split}
 
 
-def in_training_share(pair: dict, fractions: dict[str, float], seed: int) -> bool:
-    """Whether a training pair is within its source's share (rm.pair_fractions), by a hash of the pair."""
-    share = fractions.get(pair["source"], 1.0)
-    return share >= 1.0 or hash_fraction("rm-share", str(seed), pair["prompt"], pair["rejected"]) < share
-
-
 def kg_swap_sources(record_id: str, meta: dict, seed: int) -> list[str]:
     """The constructed sources a KG record is drawn for: a hashed share of the records for each."""
     if meta["kind"] in ESTIMATE_KINDS:

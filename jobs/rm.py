@@ -15,8 +15,8 @@ from collections import Counter
 import ray
 
 from clinicalgpt.config import load_config
-from clinicalgpt.reward import (RewardTask, in_training_share, length_groups, pair_dataset, pairwise_accuracy,
-                                tokenized_pairs)
+from clinicalgpt.packing import keep_sampled
+from clinicalgpt.reward import RewardTask, length_groups, pair_dataset, pairwise_accuracy, tokenized_pairs
 from clinicalgpt.runtime import init_ray
 from clinicalgpt.tokenizer import load_tokenizer
 from clinicalgpt.trainer import fit, steps_for, summarize_history, take_rows
@@ -30,7 +30,11 @@ def main(argv: list[str]) -> dict:
     init_ray(cfg)
     tc, out = cfg.rm, cfg.stage_dir("rm")
     pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
-    train = pairs.filter(lambda r: r["split"] == "train" and in_training_share(r, tc.pair_fractions, tc.seed))
+    # Each source's share of its training pairs (rm.pair_fractions), by a hash of the pair.
+    train = pairs.filter(lambda r: r["split"] == "train").map_batches(
+        keep_sampled, batch_format="pyarrow", fn_kwargs={"fractions": dict(tc.pair_fractions), "seed": tc.seed,
+                                                         "group": "source", "keys": ("prompt", "rejected"),
+                                                         "salt": "rm-share"})
     train = train.materialize()  # counted twice below
     trained_on = Counter(train.select_columns(["source"]).to_pandas()["source"])
     train = train.random_shuffle(seed=tc.seed)  # sources are in blocks

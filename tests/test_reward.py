@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from clinicalgpt import reward
 from clinicalgpt.config import ModelConfig, load_config
 from clinicalgpt.modeling import build_config
+from clinicalgpt.packing import keep_sampled
 from clinicalgpt.records import make_record
 from clinicalgpt.tokenizer import train_tokenizer
 
@@ -113,13 +114,19 @@ def test_exam_pairs_name_a_wrong_option(monkeypatch):
 
 
 def test_a_sources_training_share_keeps_that_share_of_its_pairs_by_a_stable_hash():
-    pairs = [{"source": s, "prompt": f"问题{i}", "rejected": f"错误回答{i}"} for i in range(2000) for s in ("a", "b")]
-    kept = [p for p in pairs if reward.in_training_share(p, {"a": 0.2}, seed=0)]
+    pairs = pa.Table.from_pylist([{"source": s, "prompt": f"问题{i}", "rejected": f"错误回答{i}"}
+                                  for i in range(2000) for s in ("a", "b")])
+
+    def share(seed):  # as jobs/rm.py samples its training pairs
+        return keep_sampled(pairs, {"a": 0.2}, seed, group="source", keys=("prompt", "rejected"),
+                            salt="rm-share").to_pylist()
+
+    kept = share(0)
     counts = Counter(p["source"] for p in kept)
     assert counts["b"] == 2000  # a source without a share keeps all its pairs
     assert 340 < counts["a"] < 460  # 0.2 x 2000 = 400, binomial sd 18
-    assert kept == [p for p in pairs if reward.in_training_share(p, {"a": 0.2}, seed=0)]  # the same pairs each run
-    assert kept != [p for p in pairs if reward.in_training_share(p, {"a": 0.2}, seed=1)]
+    assert kept == share(0)  # the same pairs each run
+    assert kept != share(1)
     # The tiny preset trains on a share of the pairs it cannot learn; presets of real models on all of them
     # (preset YAML merges into the dataclass defaults, so they must restate the sources).
     assert load_config([]).rm.pair_fractions == {"constructed/kg_swap": 0.2, "constructed/exam_wrong_option": 0.2}
