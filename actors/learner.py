@@ -78,13 +78,13 @@ class LearnerRank:
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
                            "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0"})
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        pc = self.cfg.ppo
-        micro = pc.minibatch // self.world
-        torch.manual_seed(pc.seed)
-        policy = apply_lora(load_model(policy_path, self.cfg.model.dtype), pc.lora)
+        ppo = self.cfg.ppo
+        micro = ppo.minibatch // self.world
+        torch.manual_seed(ppo.seed)
+        policy = apply_lora(load_model(policy_path, self.cfg.model.dtype), ppo.lora)
         self.policy, *_ = deepspeed.initialize(
             model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
-            config=zero2_config(micro, 1, pc.lr, 0.0, pc.grad_clip, pc.bf16))
+            config=zero2_config(micro, 1, ppo.lr, 0.0, ppo.grad_clip, ppo.bf16))
         self.critic = None
         if critic_path:
             critic, info = AutoModelForSequenceClassification.from_pretrained(
@@ -92,16 +92,16 @@ class LearnerRank:
             if info["missing_keys"]:  # a new head (no reward model): values start at 0, not at noise
                 torch.nn.init.zeros_(critic.score.weight)
             critic.config.pad_token_id = policy.config.pad_token_id
-            critic = apply_lora(critic, pc.lora, task_type="SEQ_CLS")
+            critic = apply_lora(critic, ppo.lora, task_type="SEQ_CLS")
             self.critic, *_ = deepspeed.initialize(
                 model=critic, model_parameters=[p for p in critic.parameters() if p.requires_grad],
-                config=zero2_config(micro, 1, pc.critic_lr, 0.0, pc.grad_clip, pc.bf16))
+                config=zero2_config(micro, 1, ppo.critic_lr, 0.0, ppo.grad_clip, ppo.bf16))
         # Dropout off throughout: the PPO ratio must be exactly 1 before the first update.
         self.policy.eval()
         if self.critic is not None:
             self.critic.eval()
 
-    def evaluate(self, batch: dict) -> dict[str, np.ndarray]:
+    def logprobs_and_values(self, batch: dict) -> dict[str, np.ndarray]:
         """The rollout policy's own log-probs (and the critic's values) of this rank's share."""
         rows = self.cfg.ppo.forward_rows
         with torch.no_grad():
@@ -112,24 +112,24 @@ class LearnerRank:
 
     def train(self, batch: dict, step: int) -> dict[str, float]:
         """PPO epochs over minibatches of this rank's share (every rank takes the same number of steps)."""
-        pc = self.cfg.ppo
-        micro = pc.minibatch // self.world
+        ppo = self.cfg.ppo
+        micro = ppo.minibatch // self.world
         t = {k: torch.as_tensor(batch[k], device=self.device)
              for k in ("response_mask", "old_logprobs", "advantages", "old_values", "returns") if k in batch}
         stats: dict[str, list[float]] = {}
-        rng = np.random.default_rng([pc.seed, step, self.rank])
-        for _ in range(pc.epochs):
-            for idx in length_grouped_minibatches(batch, micro, pc.length_group, rng):
+        rng = np.random.default_rng([ppo.seed, step, self.rank])
+        for _ in range(ppo.epochs):
+            for idx in length_grouped_minibatches(batch, micro, ppo.length_group, rng):
                 sub = take_rows(batch, idx)
                 mask = t["response_mask"][idx]
                 logp, entropy = response_logprobs(self.policy, sub, self.device, with_entropy=True)
-                loss, s = rl.policy_loss(logp, t["old_logprobs"][idx], t["advantages"][idx], mask, pc.clip)
+                loss, s = rl.policy_loss(logp, t["old_logprobs"][idx], t["advantages"][idx], mask, ppo.clip)
                 self.policy.backward(loss)
                 self.policy.step()
                 s.update(policy_loss=loss.item(), entropy=float(rl.masked_mean(entropy.detach(), mask)))
                 if self.critic is not None:
                     values = token_values(self.critic, sub, self.device)
-                    vloss = rl.value_loss(values, t["old_values"][idx], t["returns"][idx], mask, pc.value_clip)
+                    vloss = rl.value_loss(values, t["old_values"][idx], t["returns"][idx], mask, ppo.value_clip)
                     self.critic.backward(vloss)
                     self.critic.step()
                     s["value_loss"] = vloss.item()

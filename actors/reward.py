@@ -1,8 +1,10 @@
-"""RewardActor: one scalar per response, from the trained reward model or from a verifiable rule.
+"""RewardActor: one scalar per response, from the trained reward model or from a reward function
+(clinicalgpt/reward_functions.py: a rule, or a user's Python callable).
 
-    ppo.reward=model               the reward model (runs/<preset>/rm/final)
-    ppo.reward=length:<n>          -|response tokens - n| / n: a rule a tiny model can learn quickly
-    ppo.reward=contains:<text>     1 if the response contains <text>, else 0
+    ppo.reward=model                 the reward model (runs/<preset>/rm/final)
+    ppo.reward=length:<n>            -|response tokens - n| / n: a rule a tiny model can learn quickly
+    ppo.reward=contains:<text>       1 if the response contains <text>, else 0
+    ppo.reward=python:<module>:<fn>  fn(prompts, responses) -> one float per response
 """
 
 from __future__ import annotations
@@ -12,22 +14,14 @@ import ray
 import torch
 
 from clinicalgpt.experience import by_length, sequence_scores
-
-
-def parse_reward(spec: str) -> tuple[str, str]:
-    kind, _, arg = spec.partition(":")
-    if kind == "model" and not arg or kind in ("length", "contains") and arg:
-        if kind == "length" and not arg.isdigit():
-            raise ValueError(f"ppo.reward={spec!r}: length takes a number of tokens, e.g. length:16")
-        return kind, arg
-    raise ValueError(f"ppo.reward={spec!r}: expected model, length:<tokens> or contains:<text>")
+from clinicalgpt.reward_functions import parse_reward, reward_function_for
 
 
 @ray.remote
 class RewardActor:
     def __init__(self, spec: str, model_path: str, dtype: str, forward_rows: int):
         from clinicalgpt.tokenizer import load_tokenizer
-        self.kind, self.arg = parse_reward(spec)
+        self.kind, _ = parse_reward(spec)
         self.forward_rows = forward_rows
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_path)
@@ -36,17 +30,17 @@ class RewardActor:
             from clinicalgpt.modeling import DTYPES
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 model_path, dtype=DTYPES[dtype]).to(self.device).eval()
+        else:
+            self.function = reward_function_for(spec)  # imported here, in the actor's process and working dir
 
     def score(self, batch: dict) -> np.ndarray:
         if self.kind == "model":
             with torch.no_grad():
                 return by_length(lambda b: sequence_scores(self.model, b, self.device).cpu().numpy(), batch,
                                  self.forward_rows)
-        lengths = batch["response_mask"].sum(1)
-        if self.kind == "length":
-            target = int(self.arg)
-            return (-np.abs(lengths - target) / target).astype(np.float32)
         P = batch["prompt_len"]
-        texts = self.tokenizer.batch_decode([row[P:P + int(n)] for row, n in zip(batch["input_ids"], lengths)],
-                                            skip_special_tokens=True)
-        return np.array([float(self.arg in t) for t in texts], dtype=np.float32)
+        prompt_ids = [row[:P][mask[:P] > 0] for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        response_ids = [row[P:P + int(n)].tolist() for row, n in zip(batch["input_ids"], batch["response_mask"].sum(1))]
+        prompts, responses = (self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+                              for ids in (prompt_ids, response_ids))
+        return np.array(self.function(prompts, responses, response_ids), dtype=np.float32)

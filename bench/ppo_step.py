@@ -96,28 +96,28 @@ def prompt_chats(cfg: Config, n: int) -> list[list[dict]]:
 
 
 def measure_trl(cfg: Config, chats: list[list[dict]], warmup: int, steps: int, threads: int) -> dict:
-    pc = cfg.ppo
-    per_step = pc.prompts_per_step * pc.samples_per_prompt
-    optimizer_steps = per_step // pc.minibatch  # per epoch, as ours
+    ppo = cfg.ppo
+    per_step = ppo.prompts_per_step * ppo.samples_per_prompt
+    optimizer_steps = per_step // ppo.minibatch  # per epoch, as ours
     policy = str(cfg.stage_dir("sft") / "final")
     clock = StepClock()
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=pc.minibatch, steps_per_generation=optimizer_steps,
-            num_iterations=pc.epochs, num_generations=pc.samples_per_prompt, max_completion_length=pc.max_new_tokens,
-            temperature=pc.temperature, top_p=pc.top_p, beta=pc.kl_coef, epsilon=pc.clip, learning_rate=pc.lr,
-            max_grad_norm=pc.grad_clip, max_steps=(warmup + steps) * optimizer_steps * pc.epochs, seed=pc.seed,
+            output_dir=tmp, per_device_train_batch_size=ppo.minibatch, steps_per_generation=optimizer_steps,
+            num_iterations=ppo.epochs, num_generations=ppo.samples_per_prompt, max_completion_length=ppo.max_new_tokens,
+            temperature=ppo.temperature, top_p=ppo.top_p, beta=ppo.kl_coef, epsilon=ppo.clip, learning_rate=ppo.lr,
+            max_grad_norm=ppo.grad_clip, max_steps=(warmup + steps) * optimizer_steps * ppo.epochs, seed=ppo.seed,
             use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none",
             logging_steps=10**6, disable_tqdm=True)
         trainer = GRPOTrainer(
             model=load_model(policy, cfg.model.dtype), reward_funcs=str(cfg.stage_dir("rm") / "final"), args=args,
             train_dataset=Dataset.from_list([{"prompt": c} for c in chats]),
             processing_class=load_tokenizer(policy, cfg.model.chat_template), callbacks=[clock],
-            peft_config=LoraConfig(r=pc.lora.r, lora_alpha=pc.lora.alpha, lora_dropout=pc.lora.dropout,
-                                   target_modules=list(pc.lora.targets), task_type="CAUSAL_LM"))
+            peft_config=LoraConfig(r=ppo.lora.r, lora_alpha=ppo.lora.alpha, lora_dropout=ppo.lora.dropout,
+                                   target_modules=list(ppo.lora.targets), task_type="CAUSAL_LM"))
         trainer.train()
-    per_round = optimizer_steps * pc.epochs
+    per_round = optimizer_steps * ppo.epochs
     ends = clock.marks[per_round - 1::per_round]  # the end of each batch of experience
     seconds = ends[-1] - ends[warmup - 1]
     samples = (len(ends) - warmup) * per_step
@@ -134,7 +134,7 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be >= 1")
     cfg = load_config(args.overrides)
-    pc = cfg.ppo
+    ppo = cfg.ppo
     for stage in ("sft", "rm"):
         if not (cfg.stage_dir(stage) / "final" / "config.json").exists():
             raise SystemExit(f"no {stage} model under {cfg.run_dir}: run scripts/recipe.sh first")
@@ -142,7 +142,7 @@ def main() -> None:
 
     os.environ.pop("RAY_ADDRESS", None)  # a local cluster on this machine: both systems on the same cores
     init_ray(cfg)
-    chats = prompt_chats(cfg, (args.warmup + args.steps) * pc.prompts_per_step * 2)
+    chats = prompt_chats(cfg, (args.warmup + args.steps) * ppo.prompts_per_step * 2)
     rows = [measure_ours(cfg, args.overrides, a, args.warmup, args.steps) for a in ("grpo", "gae")]
     ray.shutdown()  # nothing of Ray left competing for the cores while TRL runs
     rows.append(measure_trl(cfg, chats, args.warmup, args.steps, threads))
@@ -150,9 +150,10 @@ def main() -> None:
     ratio = rows[0]["samples_per_s"] / rows[2]["samples_per_s"]
     ours = rows[0]["breakdown"]
     sync_share = ours["sync_s"] / ours["step_s"]
-    setup = (f"RL step throughput, preset {cfg.preset}: {pc.prompts_per_step} prompts x {pc.samples_per_prompt} "
-             f"samples per step, up to {pc.max_new_tokens} new tokens, minibatch {pc.minibatch}, {pc.epochs} epochs, "
-             f"LoRA r={pc.lora.r}, {threads} cores, {args.warmup} warm-up steps excluded; torch {torch.__version__}")
+    setup = (f"RL step throughput, preset {cfg.preset}: {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} "
+             f"samples per step, up to {ppo.max_new_tokens} new tokens, minibatch {ppo.minibatch}, "
+             f"{ppo.epochs} epochs, "
+             f"LoRA r={ppo.lora.r}, {threads} cores, {args.warmup} warm-up steps excluded; torch {torch.__version__}")
     lines = [setup, "", "| system | steps | samples/s | s/step |", "|---|---|---|---|"]
     lines += [f"| {r['system']} | {r['steps']} | {r['samples_per_s']:.2f} | {r['seconds'] / r['steps']:.2f} |" for r in rows]
     lines += ["", f"ratio ours/TRL (same estimator, grpo) = {ratio:.2f}x (target >= {TARGET}x)",

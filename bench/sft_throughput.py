@@ -83,9 +83,9 @@ def measure_ours(cfg: Config, source: str, warmup: int, steps: int) -> dict:
             (run.run_dir / name).symlink_to(cfg.run_dir / name)
         total = warmup + steps
         # Eval (steps 1 and last) and checkpoints are outside the timed step_seconds; keep them few and small.
-        tc = run.sft
-        tc.max_steps, tc.eval_every, tc.checkpoint_every, tc.eval_rows = total, total, total, tc.micro_batch
-        run_causal_stage(run, "sft", tc, source, mode="chat")
+        sft = run.sft
+        sft.max_steps, sft.eval_every, sft.checkpoint_every, sft.eval_rows = total, total, total, sft.micro_batch
+        run_causal_stage(run, "sft", sft, source, argv=[])  # a temporary run: no command to record
         history = [json.loads(x) for x in (run.stage_dir("sft") / "history.jsonl").read_text().splitlines()]
     if [r["step"] for r in history] != list(range(1, total + 1)):
         raise SystemExit(f"our run restarted mid-way (steps {[r['step'] for r in history]}); run the bench again")
@@ -105,20 +105,20 @@ class StepClock(TrainerCallback):
 
 def measure_trl(cfg: Config, source: str, chats: list[list[dict]], labels: list[list[int]], warmup: int,
                 steps: int, packing: bool) -> dict:
-    tc = cfg.sft
+    sft = cfg.sft
     tokenizer = load_tokenizer(source, cfg.model.chat_template)
     if tokenizer.chat_template == CHATML_TEMPLATE:
         tokenizer.chat_template = CHATML_TRAINING_TEMPLATE
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
-            output_dir=tmp, max_steps=warmup + steps, learning_rate=tc.lr, seed=tc.seed,
-            per_device_train_batch_size=tc.micro_batch,
-            gradient_accumulation_steps=max(1, tc.global_batch // tc.micro_batch),  # same sequences per step
+            output_dir=tmp, max_steps=warmup + steps, learning_rate=sft.lr, seed=sft.seed,
+            per_device_train_batch_size=sft.micro_batch,
+            gradient_accumulation_steps=max(1, sft.global_batch // sft.micro_batch),  # same sequences per step
             max_length=cfg.seq.max_len, assistant_only_loss=True, packing=packing,
-            gradient_checkpointing=False, bf16=tc.bf16,  # TRL defaults True for both; ours uses neither
+            gradient_checkpointing=False, bf16=sft.bf16,  # TRL defaults True for both; ours uses neither
             include_num_input_tokens_seen="non_padding", save_strategy="no", report_to="none", disable_tqdm=True)
-        trainer = SFTTrainer(model=apply_lora(load_model(source, cfg.model.dtype), tc.lora), args=args,
+        trainer = SFTTrainer(model=apply_lora(load_model(source, cfg.model.dtype), sft.lora), args=args,
                              train_dataset=Dataset.from_list([{"messages": c} for c in chats]),
                              processing_class=tokenizer, callbacks=[clock])
         if not packing and trainer.train_dataset["labels"] != labels:
@@ -155,14 +155,14 @@ def main() -> None:
         raise SystemExit("--warmup and --steps must be >= 1")
     cfg = load_config(args.overrides)
     source = args.source or str(cfg.stage_dir("pretrain") / "final")
-    tc = cfg.sft
+    sft = cfg.sft
     # Ray gives each fractional-CPU training worker OMP_NUM_THREADS=max(1, floor(cpus)) threads; TRL gets the sum.
-    threads = tc.num_workers * max(1, int(tc.cpus_per_worker))
+    threads = sft.num_workers * max(1, int(sft.cpus_per_worker))
 
     os.environ.pop("RAY_ADDRESS", None)  # a local cluster on this machine: both systems on the same cores
     init_ray(cfg)
     chats, labels = sample_chats(cfg, args.records, load_tokenizer(source, cfg.model.chat_template))
-    if len(chats) < (args.warmup + args.steps) * tc.global_batch:
+    if len(chats) < (args.warmup + args.steps) * sft.global_batch:
         raise SystemExit(f"{len(chats)} records are fewer than TRL's steps need; raise --records")
     rows = [measure_ours(cfg, source, args.warmup, args.steps)]
     ray.shutdown()  # nothing of Ray left competing for the cores while TRL runs
@@ -177,8 +177,8 @@ def main() -> None:
     if args.trl_packing:
         ratios.append(f"ratio ours/TRL packing=True = {rows[0]['tokens_per_s'] / rows[2]['tokens_per_s']:.2f}x")
     setup = (f"SFT throughput, preset {cfg.preset}, model {source}: seq {cfg.seq.max_len}, micro batch "
-             f"{tc.micro_batch}, {tc.global_batch} sequences per step, LoRA r={tc.lora.r} "
-             f"(enabled={tc.lora.enabled}), {threads} threads, {args.warmup} warm-up steps excluded; "
+             f"{sft.micro_batch}, {sft.global_batch} sequences per step, LoRA r={sft.lora.r} "
+             f"(enabled={sft.lora.enabled}), {threads} threads, {args.warmup} warm-up steps excluded; "
              f"TRL {trl.__version__} on {len(chats)} sampled records, torch {torch.__version__}, "
              f"{os.cpu_count()} cores")
     md = markdown(rows, ratios, setup)
@@ -186,8 +186,8 @@ def main() -> None:
     out = cfg.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_throughput.json").write_text(json.dumps(
-        {"setup": setup, "source": source, "seq_len": cfg.seq.max_len, "micro_batch": tc.micro_batch,
-         "global_batch": tc.global_batch, "threads": threads, "warmup_steps": args.warmup, "trl_records": len(chats),
+        {"setup": setup, "source": source, "seq_len": cfg.seq.max_len, "micro_batch": sft.micro_batch,
+         "global_batch": sft.global_batch, "threads": threads, "warmup_steps": args.warmup, "trl_records": len(chats),
          "rows": rows, "ratio": ratio, "target": TARGET, "meets_target": ratio >= TARGET}, indent=2))
     (out / "sft_throughput.md").write_text(md)
     print(f"results -> {out}/sft_throughput.{{json,md}}")

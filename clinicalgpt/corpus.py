@@ -1,10 +1,10 @@
 """Build the training and evaluation records from the corpora with Ray Data.
 
-    source files --JsonLinesDatasource--> map_batches(build) --> records (+ skips with reasons)
+    source files --JsonLinesDatasource--> map_batches(records_from_lines) --> records (+ skips with reasons)
     KG files --flat_map(inverse triples)--> groupby(object) --> inverse KG QA records
                                                     |
-    driver sink: drop duplicates and test overlaps, write Parquet shards records/<split>/<task>/,
-    the skipped lines (skipped.jsonl, nothing is lost) and manifest.json / manifest.md.
+    driver sink: drop duplicates and test overlaps, write Parquet shards records/<split>/<task>/ and
+    the skipped lines (skipped.jsonl, nothing is lost); count records, skips and drops for the manifest.
 
 Two passes keep test items out of training: pass 1 builds only the sources that can hold test
 records and collects their question keys; pass 2 builds everything else and drops any non-test
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from .config import Config, DataConfig, SourceSpec
+from .config import Config, SourceSpec
 from .jsonl import JsonLinesDatasource
 from .kg_templates import RELATION_KIND, clean_objects
 from .records import RECORD_SCHEMA, Skip, dedup_key, leak_key
@@ -70,8 +70,8 @@ def _skip_row(path: str, line: int, source: str, reason: str, raw: str) -> dict:
             "meta": "{}", "skip": reason, "raw": raw, "n_inputs": 1, "dedup_key": 0, "leak_key": 0}
 
 
-def build_batch(batch: pa.Table, specs: dict[str, SourceSpec], cfg: DataConfig, keep_test_only: bool) -> pa.Table:
-    """Parse and build one batch of lines; every line yields records or one skip row."""
+def records_from_lines(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config, keep_test_only: bool) -> pa.Table:
+    """Ray Data map: source lines -> records; every line yields records or one skip row."""
     out = []
     for path, line, text, ok in zip(*(batch.column(c).to_pylist() for c in ("path", "line", "text", "utf8_ok"))):
         spec = specs[path]
@@ -85,9 +85,10 @@ def build_batch(batch: pa.Table, specs: dict[str, SourceSpec], cfg: DataConfig, 
                 raise Skip("malformed_json") from None
             if not isinstance(obj, dict):
                 raise Skip("malformed_json")
-            records = BUILDERS[spec.kind](obj, source, spec.split, cfg)
+            records = BUILDERS[spec.kind](obj, source, spec.split, cfg.data)
             for rec in records:
-                if sum(len(m["content"]) for m in rec["messages"]) + len(rec["rejected"] or "") > cfg.max_record_chars:
+                chars = sum(len(m["content"]) for m in rec["messages"]) + len(rec["rejected"] or "")
+                if chars > cfg.data.max_record_chars:
                     raise Skip("over_length")
         except Skip as skip:
             out.append(_skip_row(path, line, source, str(skip), text[:2000]))
@@ -125,10 +126,10 @@ def inverse_triples(batch: pa.Table, specs: dict[str, SourceSpec]) -> pa.Table:
     return pa.table(dict(rows), schema=schema) if rows else schema.empty_table()
 
 
-def inverse_records(group: pa.Table, cfg: DataConfig) -> pa.Table:
+def inverse_records(group: pa.Table, cfg: Config) -> pa.Table:
     source, graph, kind, obj = (group.column(c)[0].as_py() for c in ("source", "graph", "kind", "object"))
     subjects = sorted(set(group.column("subject").to_pylist()))
-    rec = kg_inverse_record(graph, kind, obj, subjects, source, cfg)
+    rec = kg_inverse_record(graph, kind, obj, subjects, source, cfg.data)
     row = {**rec, "skip": "", "raw": None, "n_inputs": 0, "dedup_key": dedup_key(rec), "leak_key": leak_key(rec)}
     return pa.Table.from_pylist([row], schema=BUILD_SCHEMA)
 
@@ -213,12 +214,13 @@ def build_records(cfg: Config) -> dict:
     test_keys: set[int] = set()
     seen: set[tuple[str, int]] = set()  # (split, dedup key): duplicates are dropped within a split
     if test_paths:
-        ds = read(test_paths).map_batches(build_batch, batch_format="pyarrow", batch_size=cfg.data.batch_size,
-                                          fn_kwargs={"specs": specs, "cfg": cfg.data, "keep_test_only": True})
+        ds = read(test_paths).map_batches(records_from_lines, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+                                          fn_kwargs={"specs": specs, "cfg": cfg, "keep_test_only": True})
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             rows = block.filter(pc.equal(block.column("skip"), ""))
             keep = []
-            for i, (src, dk, lk) in enumerate(zip(*(rows.column(c).to_pylist() for c in ("source", "dedup_key", "leak_key")))):
+            columns = (rows.column(c).to_pylist() for c in ("source", "dedup_key", "leak_key"))
+            for i, (src, dk, lk) in enumerate(zip(*columns)):
                 if ("test", dk) in seen:
                     dropped[(src, "duplicate")] += 1
                     continue
@@ -232,14 +234,14 @@ def build_records(cfg: Config) -> dict:
 
     # Pass 2: everything that is not test, plus the KG inverse questions.
     paths = list(specs)
-    ds = read(paths).map_batches(build_batch, batch_format="pyarrow", batch_size=cfg.data.batch_size,
-                                 fn_kwargs={"specs": specs, "cfg": cfg.data, "keep_test_only": False})
+    ds = read(paths).map_batches(records_from_lines, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+                                 fn_kwargs={"specs": specs, "cfg": cfg, "keep_test_only": False})
     kg_paths = [p for p, s in specs.items() if s.kind.startswith("kg_")]
     if cfg.data.kg_inverse and kg_paths:
         inverse = (read(kg_paths)
                    .map_batches(inverse_triples, batch_format="pyarrow", fn_kwargs={"specs": specs})
                    .groupby(["source", "kind", "object"], num_partitions=8)
-                   .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg.data}))
+                   .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg}))
         ds = ds.union(inverse)
 
     bar = tqdm(total=count_lines(paths), desc="building records", unit=" lines", mininterval=5)

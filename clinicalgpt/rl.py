@@ -1,4 +1,6 @@
-"""The RL math of PPO and its critic-free variants, as pure tensor functions.
+"""The RL math of PPO and its critic-free variants, as pure tensor functions, and the registries that
+name them in the config (ppo.kl_estimator, ppo.advantage, ppo.kl_controller): adding an estimator is one
+function and one name.
 
 Layout of every per-token tensor: [batch, response_len], one column per generated token, right-padded;
 `mask` is 1 on real response tokens. A log-prob at column t is log p(response[t] | prompt, response[:t]);
@@ -7,10 +9,9 @@ a value at column t is the critic's estimate before emitting response[t].
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -26,17 +27,20 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
+# Schulman's estimators of KL(pi || pi_ref) from samples of pi, as functions of log r = logp - ref_logp:
+# k1 = log r, k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with r' = pi_ref / pi.
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "k1": lambda log_ratio: log_ratio,
+    "k2": lambda log_ratio: 0.5 * log_ratio ** 2,
+    "k3": lambda log_ratio: torch.expm1(-log_ratio) + log_ratio,
+}
+
+
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3).
-    k1 = log r, k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with r' = pi_ref / pi, where log r = logp - ref_logp."""
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio ** 2
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; one of {KL_ESTIMATORS}")
+    """Per-token estimate of KL(pi || pi_ref) by one of KL_ESTIMATORS."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logp - ref_logp)
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -76,6 +80,34 @@ def group_advantages(returns: torch.Tensor, group_size: int, estimator: str) -> 
     else:
         raise ValueError(f"unknown group estimator {estimator!r} (grpo, rloo)")
     return out.reshape(-1)
+
+
+# ppo.advantage: name -> fn(token rewards, the critic's values or None, mask, the ppo config) ->
+# (advantages, returns for the critic or None). `uses_critic` says whether PPO trains a value model for it.
+ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+
+
+def advantage_estimator(name: str, uses_critic: bool = False):
+    def register(fn):
+        fn.uses_critic = uses_critic
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return register
+
+
+@advantage_estimator("gae", uses_critic=True)
+def gae_advantages(rewards, values, mask, ppo):
+    return gae(rewards, values, mask, ppo.gamma, ppo.lam)
+
+
+@advantage_estimator("grpo")
+def grpo_advantages(rewards, values, mask, ppo):
+    return group_advantages(rewards.sum(1), ppo.samples_per_prompt, "grpo")[:, None] * mask, None
+
+
+@advantage_estimator("rloo")
+def rloo_advantages(rewards, values, mask, ppo):
+    return group_advantages(rewards.sum(1), ppo.samples_per_prompt, "rloo")[:, None] * mask, None
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -134,15 +166,11 @@ class AdaptiveKL(FixedKL):
         self.beta *= 1 + error * n_steps / self.horizon
 
 
-KL_CONTROLLERS = ("fixed", "adaptive")
-
-
-def kl_controller(kind: str, beta: float, target: float, horizon: int) -> FixedKL:
-    if kind == "fixed":
-        return FixedKL(beta)
-    if kind == "adaptive":
-        return AdaptiveKL(beta, target, horizon)
-    raise ValueError(f"unknown KL controller {kind!r} ({', '.join(KL_CONTROLLERS)})")
+# ppo.kl_controller: name -> fn(the ppo config) -> a controller holding beta.
+KL_CONTROLLERS: dict[str, Callable] = {
+    "fixed": lambda ppo: FixedKL(ppo.kl_coef),
+    "adaptive": lambda ppo: AdaptiveKL(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon),
+}
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

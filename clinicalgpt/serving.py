@@ -52,11 +52,11 @@ class ApiError(Exception):
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}})
 
 
-def load_api_keys(sc: ServeConfig) -> set[str]:
+def load_api_keys(settings: ServeConfig) -> set[str]:
     """The accepted keys: $<api_key_env> and each non-empty, non-# line of api_key_file. None: no auth."""
-    keys = {os.environ.get(sc.api_key_env, "").strip()} if sc.api_key_env else set()
-    if sc.api_key_file:
-        lines = Path(sc.api_key_file).read_text().splitlines()
+    keys = {os.environ.get(settings.api_key_env, "").strip()} if settings.api_key_env else set()
+    if settings.api_key_file:
+        lines = Path(settings.api_key_file).read_text().splitlines()
         keys |= {line.strip() for line in lines if not line.lstrip().startswith("#")}
     return keys - {""}
 
@@ -74,8 +74,8 @@ class ChatRules:
     """What the endpoint accepts, and the conversation the model then sees (kept apart from Serve so the
     rules are tested as plain functions)."""
 
-    def __init__(self, sc: ServeConfig, tokenizer, api_keys: set[str]):
-        self.sc, self.tok, self.api_keys = sc, tokenizer, api_keys
+    def __init__(self, settings: ServeConfig, tokenizer, api_keys: set[str]):
+        self.settings, self.tok, self.api_keys = settings, tokenizer, api_keys
 
     def authorize(self, header: str | None) -> None:
         if not self.api_keys:
@@ -86,8 +86,8 @@ class ChatRules:
                            code="invalid_api_key")
 
     def check_model(self, model: str | None) -> None:
-        if model not in (None, self.sc.model_name):
-            raise ApiError(404, f"model {model!r} not found; this endpoint serves {self.sc.model_name!r}", "model",
+        if model not in (None, self.settings.model_name):
+            raise ApiError(404, f"model {model!r} not found; this endpoint serves {self.settings.model_name!r}", "model",
                            "model_not_found")
 
     def conversation(self, messages: list) -> list[dict]:
@@ -107,29 +107,29 @@ class ChatRules:
             chat.append({"role": role, "content": text})
         if all(m["role"] == "system" for m in chat):
             raise ApiError(400, "messages hold no user turn", "messages")
-        if self.sc.system_prompt:
+        if self.settings.system_prompt:
             if chat[0]["role"] == "system":
-                chat[0] = {"role": "system", "content": f"{self.sc.system_prompt}\n\n{chat[0]['content']}"}
+                chat[0] = {"role": "system", "content": f"{self.settings.system_prompt}\n\n{chat[0]['content']}"}
             else:
-                chat.insert(0, {"role": "system", "content": self.sc.system_prompt})
+                chat.insert(0, {"role": "system", "content": self.settings.system_prompt})
         return chat
 
     def sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None) -> int:
         """Checks the sampling settings; the completion budget (the configured one when not given)."""
-        if max_tokens is not None and not 1 <= max_tokens <= self.sc.max_tokens:
-            raise ApiError(400, f"max_tokens must be between 1 and {self.sc.max_tokens}, got {max_tokens}",
+        if max_tokens is not None and not 1 <= max_tokens <= self.settings.max_tokens:
+            raise ApiError(400, f"max_tokens must be between 1 and {self.settings.max_tokens}, got {max_tokens}",
                            "max_tokens")
         if temperature is not None and not 0 <= temperature <= 2:
             raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
         if top_p is not None and not 0 < top_p <= 1:
             raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-        return max_tokens or self.sc.max_tokens
+        return max_tokens or self.settings.max_tokens
 
     def check_length(self, chat: list[dict], max_tokens: int) -> None:
         prompt = len(prompt_ids(self.tok, chat))
-        if prompt + max_tokens > self.sc.max_model_len:
+        if prompt + max_tokens > self.settings.max_model_len:
             raise ApiError(400, f"the prompt is {prompt} tokens and max_tokens {max_tokens}: together over this "
-                           f"model's {self.sc.max_model_len}-token limit; shorten the conversation or max_tokens",
+                           f"model's {self.settings.max_model_len}-token limit; shorten the conversation or max_tokens",
                            "messages", "context_length_exceeded")
 
     def prepare(self, body: ChatCompletionRequest) -> ChatCompletionRequest:
@@ -138,7 +138,7 @@ class ChatRules:
         chat = self.conversation(body.messages)
         max_tokens = self.sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p)
         self.check_length(chat, max_tokens)
-        return body.model_copy(update={"model": self.sc.model_name, "messages": chat, "max_tokens": None,
+        return body.model_copy(update={"model": self.settings.model_name, "messages": chat, "max_tokens": None,
                                        "max_completion_tokens": max_tokens})
 
 
@@ -175,7 +175,7 @@ class ClinicalIngress(OpenAiIngress):
 
     async def health(self):
         """200 once the engine answers its own health check, 503 otherwise (no key needed)."""
-        name = self.rules.sc.model_name
+        name = self.rules.settings.model_name
         try:
             await self._default_serve_handles[name].check_health.remote()
         except Exception as e:  # the replica is starting, or its engine died
@@ -202,14 +202,14 @@ def served_model(cfg: Config) -> str:
 def chat_app(cfg: Config, deployment_config: dict):
     """The Serve application: engine replicas with the given Serve deployment options (autoscaling,
     max_ongoing_requests) behind the clinical ingress."""
-    sc = cfg.serve
+    settings = cfg.serve
     path = served_model(cfg)
-    bundle = {"CPU": sc.cpus, **({"GPU": sc.gpus} if sc.gpus else {})}
+    bundle = {"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus else {})}
     llm = LLMConfig(
-        model_loading_config={"model_id": sc.model_name, "model_source": path},
+        model_loading_config={"model_id": settings.model_name, "model_source": path},
         # On CPU, gpu_memory_utilization is the share of host memory vLLM requires free at start.
-        engine_kwargs={"dtype": cfg.model.dtype, "max_model_len": sc.max_model_len, "enforce_eager": not sc.gpus,
-                       "gpu_memory_utilization": sc.memory_fraction, "seed": sc.seed},
+        engine_kwargs={"dtype": cfg.model.dtype, "max_model_len": settings.max_model_len, "enforce_eager": not settings.gpus,
+                       "gpu_memory_utilization": settings.memory_fraction, "seed": settings.seed},
         placement_group_config={"bundles": [bundle]},
         deployment_config=deployment_config,
         runtime_env={"env_vars": JOB_ENV})
@@ -217,9 +217,9 @@ def chat_app(cfg: Config, deployment_config: dict):
     # The ingress checks requests and relays them: a quarter of a CPU, so one engine fits a 2-core machine.
     options = {**OpenAiIngress.get_deployment_options([llm]), "ray_actor_options": {"num_cpus": 0.25}}
     return serve.deployment(ingress).options(**options).bind(
-        llm_deployments={sc.model_name: build_llm_deployment(llm)},
-        model_cards={sc.model_name: to_model_metadata(sc.model_name, llm)},
-        settings=sc, tokenizer_path=path, chat_template=cfg.model.chat_template)
+        llm_deployments={settings.model_name: build_llm_deployment(llm)},
+        model_cards={settings.model_name: to_model_metadata(settings.model_name, llm)},
+        settings=settings, tokenizer_path=path, chat_template=cfg.model.chat_template)
 
 
 def build_app(args: dict):

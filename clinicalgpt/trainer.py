@@ -35,7 +35,7 @@ class Task:
     name = "task"
     shuffle_rows = True  # False: the stream's row order is kept (it comes grouped, e.g. by length)
 
-    def build_model(self, cfg: Config, tc: TrainConfig) -> torch.nn.Module:
+    def build_model(self, cfg: Config, train_cfg: TrainConfig) -> torch.nn.Module:
         raise NotImplementedError
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
@@ -100,12 +100,12 @@ def zero2_config(micro_batch: int, accumulation: int, lr: float, weight_decay: f
     }
 
 
-def deepspeed_config(tc: TrainConfig, world: int, total_steps: int) -> dict:
-    accumulation = max(1, tc.global_batch // (tc.micro_batch * world))
-    config = zero2_config(tc.micro_batch, accumulation, tc.lr, tc.weight_decay, tc.grad_clip, tc.bf16)
+def deepspeed_config(train_cfg: TrainConfig, world: int, total_steps: int) -> dict:
+    accumulation = max(1, train_cfg.global_batch // (train_cfg.micro_batch * world))
+    config = zero2_config(train_cfg.micro_batch, accumulation, train_cfg.lr, train_cfg.weight_decay, train_cfg.grad_clip, train_cfg.bf16)
     config["scheduler"] = {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": tc.lr,
-        "warmup_num_steps": max(1, int(tc.warmup_ratio * total_steps)), "warmup_type": "linear"}}
+        "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": train_cfg.lr,
+        "warmup_num_steps": max(1, int(train_cfg.warmup_ratio * total_steps)), "warmup_type": "linear"}}
     return config
 
 
@@ -119,18 +119,18 @@ def train_loop(config: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     cfg: Config = config["cfg"]
-    tc: TrainConfig = config["train_config"]
+    train_cfg: TrainConfig = config["train_config"]
     task: Task = config["task"]
     total_steps: int = config["total_steps"]
     out_dir = Path(config["out_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(train_cfg.seed)
 
-    model = task.build_model(cfg, tc)
+    model = task.build_model(cfg, train_cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
-                                                   config=deepspeed_config(tc, world, total_steps))
+                                                   config=deepspeed_config(train_cfg, world, total_steps))
     eval_batch = _to_tensors(config["eval_rows"]) if config["eval_rows"] is not None else None
     step, rows_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -148,7 +148,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             held_out = ""
             if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
-                held_out = f", held-out loss {_evaluate(engine, task, eval_batch, tc.micro_batch):.4f}"
+                held_out = f", held-out loss {held_out_loss(engine, task, eval_batch, train_cfg.micro_batch):.4f}"
             note = "" if same_world else f" (saved by {state['world']}: weights restored, optimizer state reset)"
             print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}{held_out}", flush=True)
 
@@ -162,10 +162,10 @@ def train_loop(config: dict) -> None:
     step_started, tokens, window, recent = time.time(), 0, [], []  # window: per micro-batch metrics
     done = step >= total_steps
     while not done:
-        for np_batch in shard.iter_batches(batch_size=tc.micro_batch, batch_format="numpy", drop_last=True,
-                                           local_shuffle_buffer_size=tc.micro_batch * 32 if task.shuffle_rows else None):
+        for np_batch in shard.iter_batches(batch_size=train_cfg.micro_batch, batch_format="numpy", drop_last=True,
+                                           local_shuffle_buffer_size=train_cfg.micro_batch * 32 if task.shuffle_rows else None):
             if skip_rows > 0:
-                skip_rows -= tc.micro_batch
+                skip_rows -= train_cfg.micro_batch
                 continue
             engine.train()
             loss, extra, n_tokens = task.loss(engine, _to_tensors(np_batch))
@@ -173,7 +173,7 @@ def train_loop(config: dict) -> None:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             tokens += n_tokens * world
-            rows_seen += tc.micro_batch * world
+            rows_seen += train_cfg.micro_batch * world
             window.append({"loss": loss.item(), **extra})
             if not boundary:
                 continue
@@ -184,14 +184,14 @@ def train_loop(config: dict) -> None:
                       "lr": scheduler.get_last_lr()[0], "step_seconds": now - step_started, "tokens": tokens,
                       "tokens_per_s": sum(t for t, _ in recent) / max(sum(s for _, s in recent), 1e-9)}
             window, tokens = [], 0
-            if eval_batch is not None and (step % tc.eval_every == 0 or step == total_steps or step == 1):
-                logged["eval_loss"] = _evaluate(engine, task, eval_batch, tc.micro_batch)
+            if eval_batch is not None and (step % train_cfg.eval_every == 0 or step == total_steps or step == 1):
+                logged["eval_loss"] = held_out_loss(engine, task, eval_batch, train_cfg.micro_batch)
             if rank == 0:
                 eta = float(np.mean([s for _, s in recent])) * (total_steps - step)
-                _log(task.name, logged, total_steps, eta, tc.log_every, writer, metrics)
+                _log(task.name, logged, total_steps, eta, train_cfg.log_every, writer, metrics)
                 history.write(json.dumps(logged) + "\n")
             last = step >= total_steps
-            if step % tc.checkpoint_every == 0 or last:
+            if step % train_cfg.checkpoint_every == 0 or last:
                 _save_checkpoint(engine, {"step": step, "rows_seen": rows_seen, "world": world}, logged, rank)
             step_started = time.time()  # evaluation and checkpoints are not training time
             if last:
@@ -203,7 +203,7 @@ def train_loop(config: dict) -> None:
         writer.close()
 
 
-def _evaluate(engine, task: Task, rows: dict[str, torch.Tensor], micro: int) -> float:
+def held_out_loss(engine, task: Task, rows: dict[str, torch.Tensor], micro: int) -> float:
     engine.eval()
     losses = []
     with torch.no_grad():
@@ -254,41 +254,36 @@ def _log(stage: str, logged: dict, total: int, eta: float, log_every: int, write
               f"{logged['tokens_per_s']:,.0f} tok/s ETA {eta:,.0f}s", flush=True)
 
 
-def fit(cfg: Config, task: Task, tc: TrainConfig, train_ds: ray.data.Dataset, total_steps: int,
+def fit(cfg: Config, task: Task, train_cfg: TrainConfig, train_ds: ray.data.Dataset, total_steps: int,
         eval_rows: dict[str, np.ndarray] | None) -> ray.train.Result:
     """Train `task` with Ray Train; rerunning with the same run folder resumes from its last checkpoint."""
     out_dir = cfg.stage_dir(task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = (tc.min_workers, tc.num_workers) if tc.min_workers else tc.num_workers
+    workers = (train_cfg.min_workers, train_cfg.num_workers) if train_cfg.min_workers else train_cfg.num_workers
     # The workers wait on Ray Data's read and shuffle tasks (1 CPU each) and tokenizer actors (0.5):
     # without room for them beside the workers, the job would hang rather than fail.
-    cpus, need = ray.cluster_resources().get("CPU", 0), (tc.min_workers or tc.num_workers) * tc.cpus_per_worker + 1.5
+    cpus, need = ray.cluster_resources().get("CPU", 0), (train_cfg.min_workers or train_cfg.num_workers) * train_cfg.cpus_per_worker + 1.5
     if cpus < need:
         raise SystemExit(f"the Ray cluster has {cpus:g} CPUs; {task.name} needs {need:g} (its workers plus 1.5 "
                          "for the data stream): start it with more, e.g. `ray start --head --num-cpus=4` "
                          "(logical CPUs may exceed the cores)")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "train_config": tc, "task": task, "total_steps": total_steps,
+        train_loop_config={"cfg": cfg, "train_config": train_cfg, "task": task, "total_steps": total_steps,
                            "out_dir": str(out_dir), "eval_rows": eval_rows},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
         run_config=RunConfig(name=task.name, storage_path=str(out_dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds},
     )
     return trainer.fit()
 
 
-def steps_for(tc: TrainConfig, rows: int) -> int:
+def steps_for(train_cfg: TrainConfig, rows: int) -> int:
     """Optimizer steps of a stage: max_steps, else epochs over `rows` sequences."""
-    return tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * rows / tc.global_batch))
-
-
-def take_rows(ds: ray.data.Dataset, n: int) -> dict[str, np.ndarray]:
-    """The first n rows of a stream as numpy arrays (the fixed held-out set of a stage)."""
-    return ds.take_batch(n, batch_format="numpy")
+    return train_cfg.max_steps if train_cfg.max_steps > 0 else max(1, math.ceil(train_cfg.epochs * rows / train_cfg.global_batch))
 
 
 def summarize_history(path: Path) -> dict:

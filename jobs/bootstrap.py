@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from clinicalgpt.config import load_config
+from clinicalgpt.lineage import write_lineage, write_model_card
 from clinicalgpt.modeling import build_model, count_parameters, load_model
 from clinicalgpt.tokenizer import load_tokenizer
 
@@ -34,6 +35,7 @@ def vllm_generate(path: str, prompts: list[str], max_tokens: int = 24) -> list:
 
 
 def main(argv: list[str]) -> dict:
+    job_started = time.time()
     check_vllm = "check_vllm=false" not in argv
     cfg = load_config([a for a in argv if not a.startswith("check_vllm=")])
     path = cfg.model_path
@@ -69,6 +71,9 @@ def main(argv: list[str]) -> dict:
         same = result["vllm_ids"][:8] == hf_ids[:8]
         print(f"[bootstrap] vLLM engine loaded and generated ({result['vllm_seconds']}s incl. start), token ids "
               f"{result['vllm_ids'][:8]}...: {'same' if same else 'DIFFERENT'} greedy tokens as transformers")
+    write_lineage(cfg, "bootstrap", argv, job_started)
+    if cfg.model.build_from_config:  # a card for the model built here, not inside someone else's model folder
+        write_model_card(Path(path), cfg, "bootstrap", result)
     return result
 
 

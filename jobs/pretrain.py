@@ -22,7 +22,7 @@ def main(argv: list[str]) -> dict:
     if not (Path(cfg.model_path) / "config.json").exists() and cfg.model.build_from_config:
         raise SystemExit(f"no base model at {cfg.model_path}: run jobs/data.py and jobs/bootstrap.py first")
     init_ray(cfg)
-    return run_causal_stage(cfg, "pretrain", cfg.pretrain, cfg.model_path)
+    return run_causal_stage(cfg, "pretrain", cfg.pretrain, cfg.model_path, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import ray
 
 from clinicalgpt.config import Config, load_config
+from clinicalgpt.lineage import git_commit, iso
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
@@ -26,6 +28,7 @@ STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo", "eval"]
 
 
 def main(argv: list[str]) -> None:
+    recipe_started = time.time()
     cfg = load_config(argv)
     init_ray(cfg)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -38,6 +41,11 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"stage {stage} failed (exit {done.returncode}); rerun: python jobs/{stage}.py "
                              + " ".join(argv))
         timings[stage] = round(time.time() - started, 1)
+    finished = time.time()
+    (cfg.run_dir / "recipe.json").write_text(json.dumps({
+        "command": shlex.join(["python", "jobs/recipe.py", *argv]), "commit": git_commit(),
+        "started": iso(recipe_started), "finished": iso(finished), "seconds": round(finished - recipe_started, 1),
+        "stages": timings}, indent=2))
     print_summary(cfg, timings)
 
 
@@ -76,6 +84,10 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
         for pair, v in fam.get(family, {}).items():
             print(f"  eval {family} {pair}: win {v['win']:.2f} tie {v['tie']:.2f} lose {v['lose']:.2f}")
     print(f"  evaluation report: {cfg.stage_dir('eval') / 'report.md'}")
+    for stage in STAGES:
+        if (cfg.stage_dir(stage) / "curves.png").exists():
+            print(f"  curves {stage:8s} {cfg.stage_dir(stage) / 'curves.png'}")
+    print(f"  lineage (commit, config, versions): <stage>/lineage.json; the recipe's: {cfg.run_dir / 'recipe.json'}")
     print("  serve the PPO policy (OpenAI API on http://127.0.0.1:8000/v1): .venv/bin/python jobs/serve.py")
 
 

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> dict:
     else:
         source = cfg.model_path
     init_ray(cfg)
-    return run_causal_stage(cfg, "sft", cfg.sft, source)
+    return run_causal_stage(cfg, "sft", cfg.sft, source, argv)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_the_grafana_dashboard_plots_only_metrics_the_project_exports():
     tests in test_training.py, test_ppo.py and test_serve.py read those from a live cluster)."""
     import json
     from clinicalgpt.trainer import METRICS as TRAIN_METRICS
-    from jobs.ppo import METRICS as PPO_METRICS
+    from clinicalgpt.rlhf.log import METRICS as PPO_METRICS
     exported = ({f"ray_clinicalgpt_train_{m}" for m in TRAIN_METRICS} | {f"ray_clinicalgpt_ppo_{m}" for m in PPO_METRICS}
                 | {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
                    "ray_serve_http_request_latency_ms_bucket", "ray_serve_deployment_queued_queries",

@@ -79,11 +79,17 @@ def test_an_interrupted_stage_resumes_under_ray_job_submit_on_fewer_workers(buil
     assert f"resumed from step {resumed_at - 1} on 1 worker(s) (saved by 2" in out, out[-3000:]
 
 
-def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head):
+@pytest.mark.parametrize("reward", ["model", "python:tests.user_rewards:answer_length"])
+def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head, reward):
+    """With the reward model (it and the critic load from rm/final), and with a user's Python function,
+    imported inside the reward actor from the job's working directory."""
     cfg, _ = trained
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft", "rm"))
-    out = submit_job(ray_head, tmp_path, "python", "jobs/ppo.py", *ppo_args(run_root, cfg, 2, "ppo.reward=model"))
+    out = submit_job(ray_head, tmp_path, "python", "jobs/ppo.py", *ppo_args(run_root, cfg, 2, f"ppo.reward={reward}"))
     assert "succeeded" in out, out[-3000:]
-    assert "[ppo] done" in out
+    assert f"reward {reward}," in out and "[ppo] done" in out
     summary = json.loads((run_root / cfg.preset / "ppo" / "summary.json").read_text())
     assert summary["steps"] == 2
+    if reward.startswith("python:"):  # -|characters - 12| / 12 of each answer: never above 0
+        rows = [json.loads(x) for x in (run_root / cfg.preset / "ppo" / "history.jsonl").read_text().splitlines()]
+        assert all(r[k] <= 0 for r in rows for k in ("reward", "eval_reward") if k in r), rows

@@ -77,21 +77,28 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
 
 def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
     from types import SimpleNamespace
-    from jobs.ppo import latest_checkpoint, save_checkpoint
+    from clinicalgpt.rlhf.checkpoint import latest_checkpoint, save_checkpoint
 
     def learners_that_die_while_saving(method, folder):
         (Path(folder) / "policy").mkdir(parents=True)
         (Path(folder) / "policy" / "shard.pt").write_bytes(b"half")
         raise ray.exceptions.RayActorError()
 
-    good = SimpleNamespace(learners=SimpleNamespace(call=lambda method, folder: Path(folder).mkdir(parents=True)))
+    good = SimpleNamespace(call=lambda method, folder: Path(folder).mkdir(parents=True))
     save_checkpoint(tmp_path, good, {"step": 5})
     with pytest.raises(ray.exceptions.RayActorError):  # a learner died while writing step 10's shards
-        save_checkpoint(tmp_path, SimpleNamespace(learners=SimpleNamespace(call=learners_that_die_while_saving)),
-                        {"step": 10})
+        save_checkpoint(tmp_path, SimpleNamespace(call=learners_that_die_while_saving), {"step": 10})
     assert (tmp_path / "step_000010.tmp").exists()
     assert latest_checkpoint(tmp_path).name == "step_000005"
     assert json.loads((latest_checkpoint(tmp_path) / "controller.json").read_text()) == {"step": 5}
+
+
+def test_a_checkpoint_this_version_cannot_read_is_refused_with_what_to_do(tmp_path):
+    from clinicalgpt.rlhf.checkpoint import load_checkpoint
+    (tmp_path / "step_000003").mkdir()
+    (tmp_path / "step_000003" / "controller.json").write_text(json.dumps({"step": 3}))
+    with pytest.raises(SystemExit, match=r"lacks beta, consumed: .* move .* away to start PPO afresh"):
+        load_checkpoint(tmp_path, learners=None)
 
 
 @pytest.fixture(scope="module", params=[
@@ -103,30 +110,31 @@ def test_a_checkpoint_being_written_never_replaces_the_last_good_one(tmp_path):
 def grpo_roles(trained, request):
     """PPO roles on the session's SFT model, started once for the tests below, which run in turn on them
     (last in this module: the roles hold their CPUs until its end): (cfg, roles, prompt stream)."""
-    from jobs import ppo
+    from clinicalgpt.rlhf.prompts import PromptStream
+    from clinicalgpt.rlhf.roles import start_roles
     cfg, _ = trained
     cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL_PPO, "ppo.advantage=grpo",
                        *request.param])
     policy = str(cfg.stage_dir("sft") / "final")
-    roles = ppo.start_roles(cfg, policy, policy, critic=None)
-    stream = ppo.PromptStream(cfg)
+    roles = start_roles(cfg, policy, policy, critic=None)
+    stream = PromptStream(cfg)
     yield cfg, roles, stream
     stream.close()
     roles.shutdown()
 
 
 def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_roles):
-    from jobs import ppo
+    from clinicalgpt.rlhf.step import ppo_step
     cfg, roles, stream = grpo_roles
     learner = roles.learners.ranks[0]
     prompts = stream.take(cfg.ppo.prompts_per_step)
     probe = build_batch(prompts[:4], [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]], roles.pad_id)
-    before = ray.get(learner.evaluate.remote(probe))["logprobs"]
-    first = ppo.ppo_step(cfg, roles, prompts, 0.05, 0)  # trains, then pushes the new weights
-    second = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
-    moved = np.abs(ray.get(learner.evaluate.remote(probe))["logprobs"] - before)[probe["response_mask"] > 0].max()
+    before = ray.get(learner.logprobs_and_values.remote(probe))["logprobs"]
+    first = ppo_step(cfg, roles, prompts, 0.05, 0)  # trains, then pushes the new weights
+    second = ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
+    moved = np.abs(ray.get(learner.logprobs_and_values.remote(probe))["logprobs"] - before)[probe["response_mask"] > 0].max()
     after = [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]]
-    engine = [s["ids"] for p in prompts[:4] for s in ray.get(roles.rollout[0].generate.remote([p], 1, 24, 0.0))]
+    engine = [s["ids"] for p in prompts[:4] for s in ray.get(roles.rollout.engines[0].generate.remote([p], 1, 24, 0.0))]
     assert moved > 1e-3  # the policy did change (its greedy text may not, on a barely-trained model)
     assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
     # Sampled tokens scored by the engine and by the learner agree after each push.
@@ -135,12 +143,12 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_ro
 
 @pytest.mark.chaos
 def test_a_killed_rollout_engine_is_restarted_with_the_current_weights(grpo_roles, capsys):
-    from jobs import ppo
+    from clinicalgpt.rlhf.step import ppo_step
     cfg, roles, stream = grpo_roles
-    before = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 2)  # pushes a new version
-    version = roles.weights_version
-    ray.kill(roles.rollout[0], no_restart=False)  # Ray rebuilds it, with the SFT weights it was built from
-    after = ppo.ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 3)
+    before = ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 2)  # pushes a new version
+    version = roles.rollout.version
+    ray.kill(roles.rollout.engines[0], no_restart=False)  # Ray rebuilds it, with the SFT weights it was built from
+    after = ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 3)
     assert f"a rollout engine was restarted; weights version {version} pushed" in capsys.readouterr().out
     # The rebuilt engine sampled with the trained policy, not the SFT weights: its log-probs match the learner's.
     assert after["step"] == 4 and after["engine_logprob_gap"] < 1e-3, after["engine_logprob_gap"]

@@ -12,7 +12,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from clinicalgpt import reward
+from clinicalgpt import reward_model
 from clinicalgpt.config import ModelConfig, load_config
 from clinicalgpt.modeling import build_config
 from clinicalgpt.packing import keep_sampled
@@ -38,8 +38,8 @@ def test_score_is_taken_at_the_last_real_token_and_the_loss_is_the_pairwise_log_
              (("chosen_ids", chosen), ("rejected_ids", rejected))}
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in (chosen, rejected)]
-        padded = reward.scores(model, torch.cat([batch["chosen_ids"], batch["rejected_ids"]]), pad).tolist()
-        loss, metrics, tokens = reward.RewardTask("unused", pad).loss(model, batch)
+        padded = reward_model.scores(model, torch.cat([batch["chosen_ids"], batch["rejected_ids"]]), pad).tolist()
+        loss, metrics, tokens = reward_model.RewardTask("unused", pad).loss(model, batch)
     assert padded == pytest.approx(alone, abs=1e-5)
     margin = alone[0] - alone[1]
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-margin)), abs=1e-5)
@@ -54,7 +54,7 @@ def test_the_base_models_preference_is_its_mean_log_prob_per_reply_token(tokeniz
     rows = [([5, 9], [12, 7, 3]), ([5, 9, 14, 2], [30])]  # (prompt, reply), right-padded as TokenizePairs writes them
     ids = np.array([p + r + [pad] * (8 - len(p) - len(r)) for p, r in rows])
     with torch.no_grad():
-        got = reward.reply_likelihood(model, ids, np.array([len(r) for _, r in rows]), pad)
+        got = reward_model.reply_likelihood(model, ids, np.array([len(r) for _, r in rows]), pad)
         for (prompt, reply), value in zip(rows, got):
             logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + reply])).logits[0], -1)
             by_hand = np.mean([logp[len(prompt) + j - 1, t].item() for j, t in enumerate(reply)])
@@ -69,7 +69,7 @@ def kg(subject: str, kind: str, objects: list[str], relation: str = "has") -> di
 
 
 def test_kg_pairs_swap_in_wrong_facts_from_another_department_or_of_another_kind(monkeypatch):
-    monkeypatch.setattr(reward, "KG_PAIR_FRACTION", 1.0)  # every record makes both kinds of pair
+    monkeypatch.setattr(reward_model, "KG_PAIR_FRACTION", 1.0)  # every record makes both kinds of pair
     departments = {"感冒": ["内科", "呼吸内科"], "肺炎": ["内科", "呼吸内科"], "哮喘": ["内科"],
                    "偏头痛": ["神经科"], "骨折": ["外科", "骨科"], "湿疹": ["皮肤科"]}
     records = [kg("感冒", "symptom", ["发热", "咳嗽"]),
@@ -81,7 +81,7 @@ def test_kg_pairs_swap_in_wrong_facts_from_another_department_or_of_another_kind
                kg("感冒", "cost", ["100元"]),  # an estimate: another disease's cost is not a factual error
                kg("骨折", "treatment", ["手术治疗"]), kg("湿疹", "treatment", ["药物治疗"]),  # shared few values
                kg("感冒", "good_food", ["鸡蛋"]), kg("湿疹", "good_food", ["苹果"])]  # arbitrary lists
-    pairs = reward.kg_pairs(pa.Table.from_pylist(records), seed=0, kg_en_fraction=0.0, cap=8,
+    pairs = reward_model.kg_pairs(pa.Table.from_pylist(records), seed=0, kg_en_fraction=0.0, cap=8,
                             departments=departments).to_pylist()
     swaps = {p["prompt"]: p for p in pairs if p["source"] == "constructed/kg_swap"}
     wrong_kind = {p["prompt"]: p for p in pairs if p["source"] == "constructed/kg_wrong_kind"}
@@ -99,16 +99,16 @@ def test_kg_pairs_swap_in_wrong_facts_from_another_department_or_of_another_kind
 def test_disease_departments_come_from_the_department_records(ray_session):
     records = [kg("感冒", "department", ["内科", "呼吸内科"]), kg("感冒", "symptom", ["发热"]),
                kg("骨折", "department", ["骨科"])]
-    assert reward.disease_departments(ray.data.from_items(records)) == {"感冒": ["内科", "呼吸内科"], "骨折": ["骨科"]}
+    assert reward_model.disease_departments(ray.data.from_items(records)) == {"感冒": ["内科", "呼吸内科"], "骨折": ["骨科"]}
 
 
 def test_exam_pairs_name_a_wrong_option(monkeypatch):
-    monkeypatch.setattr(reward, "EXAM_PAIR_FRACTION", 1.0)
+    monkeypatch.setattr(reward_model, "EXAM_PAIR_FRACTION", 1.0)
     record = make_record("exam-1", "exam", "exam", "train",
                          [{"role": "user", "content": "发热首选？\nA. 布洛芬\nB. 青霉素"},
                           {"role": "assistant", "content": "答案：A。布洛芬\n解析：退热。"}],
                          meta={"answer": "A", "options": {"A": "布洛芬", "B": "青霉素"}})
-    (pair,) = reward.exam_pairs(pa.Table.from_pylist([record]), seed=0).to_pylist()
+    (pair,) = reward_model.exam_pairs(pa.Table.from_pylist([record]), seed=0).to_pylist()
     assert pair["chosen"] == "答案：A。布洛芬" and pair["rejected"] == "答案：B。青霉素"
     assert pair["source"] == "constructed/exam_wrong_option"
 
@@ -141,7 +141,7 @@ def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
     for i, n in enumerate(lengths):
         ids[i, :n] = i + 1  # the row's identity
     batch = {"chosen_ids": ids, "rejected_ids": ids.copy(), "source": np.array([str(i) for i in range(32)], dtype=object)}
-    grouped = reward.length_groups(batch, micro_batch=8, pad_id=0)
+    grouped = reward_model.length_groups(batch, micro_batch=8, pad_id=0)
     assert sorted(grouped["chosen_ids"][:, 0]) == list(range(1, 33))  # every pair, once
     assert grouped["source"].tolist() == [str(i - 1) for i in grouped["chosen_ids"][:, 0]]  # columns stay aligned
     widths = (grouped["chosen_ids"] != 0).sum(1).reshape(4, 8)

@@ -92,11 +92,26 @@ def test_explained_variance():
     assert ev == pytest.approx(2 / 3, abs=1e-6)
 
 
+def test_ppo_advantage_names_an_estimator_and_whether_it_trains_a_critic():
+    from clinicalgpt.config import load_config
+    ppo = load_config(["ppo.samples_per_prompt=2", "ppo.gamma=1.0", "ppo.lam=1.0"]).ppo
+    rewards, mask = T([[0.0, 1.0], [0.0, 3.0]]), T([[1.0, 1.0], [1.0, 1.0]])  # one prompt, two samples
+    adv, returns = rl.ADVANTAGE_ESTIMATORS["rloo"](rewards, None, mask, ppo)
+    close(adv, [[-2.0, -2.0], [2.0, 2.0]])  # 1 - 3 and 3 - 1 on every token
+    assert returns is None and not rl.ADVANTAGE_ESTIMATORS["rloo"].uses_critic
+    adv, returns = rl.ADVANTAGE_ESTIMATORS["gae"](rewards, T([[0.5, 0.5], [0.5, 0.5]]), mask, ppo)
+    close(returns, [[1.0, 1.0], [3.0, 3.0]])  # gamma = lam = 1: the return to go
+    close(adv, [[0.5, 0.5], [2.5, 2.5]])
+    assert rl.ADVANTAGE_ESTIMATORS["gae"].uses_critic
+
+
 def test_kl_controllers():
-    fixed = rl.kl_controller("fixed", 0.1, target=6.0, horizon=10000)
+    from clinicalgpt.config import load_config
+    ppo = load_config(["ppo.kl_coef=0.1", "ppo.kl_target=6.0", "ppo.kl_horizon=10000"]).ppo
+    fixed = rl.KL_CONTROLLERS["fixed"](ppo)
     fixed.update(100.0, 64)
     assert fixed.beta == 0.1
-    adaptive = rl.kl_controller("adaptive", 0.1, target=6.0, horizon=10000)
+    adaptive = rl.KL_CONTROLLERS["adaptive"](ppo)
     adaptive.update(12.0, 64)  # KL / target - 1 = 1, clipped to 0.2: beta *= 1 + 0.2 * 64 / 10000
     assert adaptive.beta == pytest.approx(0.1 * 1.00128)
     adaptive.update(6.0 * 0.9, 64)  # error -0.1
@@ -109,13 +124,14 @@ def test_entropy_from_logits():
 
 
 @pytest.mark.parametrize("bad, message", [("ppo.reward=lengthx", "expected model"),
+                                          ("ppo.reward=python:no_such_module_anywhere:fn", "cannot import fn"),
                                           ("ppo.kl_estimator=k9", "one of k1, k2, k3"),
                                           ("ppo.kl_controller=nope", "one of fixed, adaptive"),
                                           ("ppo.advantage=a2c", "one of gae, grpo, rloo"),
                                           ("ppo.length_group=0", "must be >= 1")])
 def test_bad_rl_settings_are_refused_before_anything_starts(tmp_path, bad, message):
     from clinicalgpt.config import load_config
-    from jobs.ppo import check_inputs
+    from clinicalgpt.rlhf.train import check_inputs
     sft = tmp_path / "tiny" / "sft" / "final"
     sft.mkdir(parents=True)
     (sft / "config.json").write_text("{}")

@@ -8,7 +8,8 @@ ground truth, because factual errors are what a clinical reward model must catch
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -205,11 +206,11 @@ class RewardTask(Task):
     def __init__(self, source: str, pad_id: int):
         self.source, self.pad_id = source, pad_id
 
-    def build_model(self, cfg: Config, tc: TrainConfig) -> torch.nn.Module:
+    def build_model(self, cfg: Config, train_cfg: TrainConfig) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
         model = AutoModelForSequenceClassification.from_pretrained(self.source, num_labels=1)
         model.config.pad_token_id = self.pad_id
-        return apply_lora(model, tc.lora, task_type="SEQ_CLS")
+        return apply_lora(model, train_cfg.lora, task_type="SEQ_CLS")
 
     def loss(self, model, batch):
         n = len(batch["chosen_ids"])
@@ -272,3 +273,59 @@ def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset,
             "per_source": {s: {"accuracy": float(np.mean(ok)), "length_baseline": float(np.mean(longer)),
                                "base_likelihood": float(np.mean(likes)), "pairs": len(ok)}
                            for s, (ok, longer, likes) in sorted(per_source.items())}}
+
+
+def accuracy_table(accuracy: dict, trained_on: Counter) -> list[str]:
+    """accuracy.md: per source, the pairs trained on and held out, the accuracy and its two baselines."""
+    lines = ["# Reward model: held-out pairwise accuracy", "",
+             "Baselines: the longer reply wins; the SFT model (the RM's starting point) prefers the reply it finds "
+             "more likely per token, i.e. what it already knows.", "",
+             "| source | trained on | held-out pairs | accuracy | longer-reply baseline | SFT likelihood baseline |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {s} | {v['train_pairs']} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} | "
+              f"{v['base_likelihood']:.3f} |" for s, v in accuracy["per_source"].items()]
+    lines += [f"| **overall** | {sum(trained_on.values())} | {accuracy['pairs']} | **{accuracy['overall']:.3f}** | "
+              f"{accuracy['length_baseline']:.3f} | {accuracy['base_likelihood']:.3f} |"]
+    return lines
+
+
+def run_reward_stage(cfg: Config, source: str, argv: list[str]) -> dict:
+    """Train the reward model from the SFT model at `source` on the pairs (each source's share: rm.pair_fractions),
+    measure held-out pairwise accuracy, and write accuracy.json/md, summary.json and the run's lineage."""
+    from .lineage import record_stage
+    from .packing import keep_sampled
+    from .tokenizer import load_tokenizer
+    from .trainer import fit, steps_for, summarize_history
+
+    started, out = time.time(), cfg.stage_dir("rm")
+    pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
+    # Each source's share of its training pairs (rm.pair_fractions), by a hash of the pair.
+    train = pairs.filter(lambda r: r["split"] == "train").map_batches(
+        keep_sampled, batch_format="pyarrow", fn_kwargs={"fractions": dict(cfg.rm.pair_fractions), "seed": cfg.rm.seed,
+                                                         "group": "source", "keys": ("prompt", "rejected"),
+                                                         "salt": "rm-share"})
+    train = train.materialize()  # counted twice below
+    trained_on = Counter(train.select_columns(["source"]).to_pandas()["source"])
+    train = train.random_shuffle(seed=cfg.rm.seed)  # sources are in blocks
+    test = pairs.filter(lambda r: r["split"] == "test")
+    eval_rows = tokenized_pairs(cfg, test.random_shuffle(seed=cfg.rm.seed)).take_batch(cfg.rm.eval_rows,
+                                                                                     batch_format="numpy")
+    pad_id = load_tokenizer(cfg.model_path).pad_token_id
+    stream = tokenized_pairs(cfg, train).map_batches(
+        length_groups, batch_size=cfg.rm.micro_batch * 32, batch_format="numpy",
+        fn_kwargs={"micro_batch": cfg.rm.micro_batch, "pad_id": pad_id})
+    result = fit(cfg, RewardTask(source, pad_id), cfg.rm, stream, steps_for(cfg.rm, train.count()), eval_rows)
+    if result.error:
+        raise SystemExit(f"[rm] training failed: {result.error}")
+
+    accuracy = pairwise_accuracy(cfg, str(out / "final"), test, base_dir=source)
+    for name, row in accuracy["per_source"].items():
+        row["train_pairs"] = trained_on.get(name, 0)
+    (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))
+    table = accuracy_table(accuracy, trained_on)
+    (out / "accuracy.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    summary = {**summarize_history(out / "history.jsonl"), "accuracy": accuracy["overall"], "model": str(out / "final")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    record_stage(cfg, "rm", argv, started, summary)
+    return summary

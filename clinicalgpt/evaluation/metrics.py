@@ -1,5 +1,5 @@
-"""The clinical evaluation's scoring: conversation metrics on Chinese characters, exam answer extraction
-and categories, diagnosis matching with knowledge-graph synonyms, and the pairwise judges.
+"""The clinical evaluation's metrics: conversation metrics on Chinese characters, exam answer extraction
+and categories, diagnosis matching with knowledge-graph synonyms, and the pairwise judges' verdicts.
 
 Metrics come from well-kept libraries configured for Chinese: every text is split into characters
 (whitespace dropped) and handed over as space-separated tokens, so that BLEU (sacrebleu), GLEU (nltk)

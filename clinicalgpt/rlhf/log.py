@@ -1,0 +1,76 @@
+"""PPO's metrics, per step: to the console (with rate and ETA), history.jsonl, TensorBoard and Ray's
+metrics (Prometheus, plotted by monitoring/grafana-dashboard.json); and the run's summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+
+# Exported to Prometheus as ray_clinicalgpt_ppo_<name>.
+METRICS = ("reward", "kl", "eval_reward", "samples_per_s", "generate_s", "score_s", "train_s", "sync_s", "step_s",
+           "step")
+
+
+class Log:
+    """Per-step metrics to the console, history.jsonl, TensorBoard and Ray metrics (Prometheus)."""
+
+    def __init__(self, cfg: Config, out: Path):
+        from ray.util.metrics import Gauge
+        from torch.utils.tensorboard import SummaryWriter
+        self.cfg, self.out, self.started = cfg, out, time.time()
+        self.history = (out / "history.jsonl").open("a", buffering=1)
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        self.gauges = {k: Gauge(f"clinicalgpt_ppo_{k}", description=f"PPO {k}") for k in METRICS}
+        self.first_step = None
+
+    def write(self, row: dict) -> None:
+        step = row["step"]
+        self.history.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step":
+                self.tensorboard.add_scalar(f"ppo/{k}", v, step)
+            if k in self.gauges:
+                self.gauges[k].set(v)
+        ppo = self.cfg.ppo
+        if "reward" not in row:
+            print(f"[ppo] before training: held-out reward {row['eval_reward']:.3f}, "
+                  f"response length {row['eval_response_length']:.1f}", flush=True)
+            return
+        self.first_step = self.first_step or step
+        if step % ppo.log_every == 0 or "eval_reward" in row or step == ppo.steps:
+            eta = (time.time() - self.started) / (step - self.first_step + 1) * (ppo.steps - step)
+            held = f" held-out reward {row['eval_reward']:.3f} (KL {row['eval_kl']:.2f})" if "eval_reward" in row else ""
+            print(f"[ppo] step {step}/{ppo.steps} reward {row['reward']:.3f}±{row['reward_std']:.2f} KL {row['kl']:.3f} "
+                  f"len {row['response_length']:.1f} clip {row['clip_fraction']:.2f}{held} | {row['samples_per_s']:.1f} "
+                  f"samples/s (generate {row['generate_s']:.1f}s, score {row['score_s']:.1f}s, train {row['train_s']:.1f}s, "
+                  f"sync {row['sync_s']:.2f}s) ETA {eta:,.0f}s", flush=True)
+
+    def summary(self, model: str) -> dict:
+        self.history.close()
+        self.tensorboard.close()
+        by_step = {}
+        for line in (self.out / "history.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
+        rows = [by_step[k] for k in sorted(by_step)]
+        train = [r for r in rows if "reward" in r]
+        evals = [r for r in rows if "eval_reward" in r]
+        head, tail = train[:3], train[-3:]
+        summary = {
+            "steps": train[-1]["step"], "model": model,
+            "first_reward": float(np.mean([r["reward"] for r in head])),
+            "last_reward": float(np.mean([r["reward"] for r in tail])),
+            "first_eval_reward": evals[0]["eval_reward"], "last_eval_reward": evals[-1]["eval_reward"],
+            "first_eval_kl": evals[0]["eval_kl"], "last_eval_kl": evals[-1]["eval_kl"],
+            "last_kl": float(np.mean([r["kl"] for r in tail])),
+            "timing_s": {k: float(np.mean([r[k] for r in train])) for k in
+                         ("generate_s", "score_s", "train_s", "sync_s", "step_s")},
+            "samples_per_s": float(np.mean([r["samples_per_s"] for r in train])),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,78 @@
+"""PPO's prompts: the records of the prompt tasks (ppo.prompt_tasks), rendered with the chat template and
+tokenized by Ray Data; a resumable stream of training prompts and a fixed set of held-out ones."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+from ..config import Config
+from ..tokenizer import load_tokenizer, prompt_ids
+
+
+class TokenizePrompts:
+    """Ray Data callable: records -> the chat up to (without) the reference reply, rendered with the
+    generation prompt and tokenized. Over-long prompts keep their length so the driver can count them."""
+
+    def __init__(self, tokenizer_path: str, chat_template: str):
+        self.tok = load_tokenizer(tokenizer_path, chat_template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = [prompt_ids(self.tok, chat[:-1] if chat[-1]["role"] == "assistant" else chat)
+               for chat in batch.column("messages").to_pylist()]
+        return pa.table({"id": batch.column("id"), "prompt_ids": pa.array(ids, pa.list_(pa.int64()))})
+
+
+def prompt_dataset(cfg: Config, split: str) -> ray.data.Dataset:
+    from ..corpus import read_records
+    ds = read_records(cfg, [split], list(cfg.ppo.prompt_tasks)).map_batches(
+        TokenizePrompts, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template},
+        batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=0.5)
+    ds.context.execution_options.preserve_order = True  # the same order every run: resumable, comparable
+    return ds
+
+
+def held_out_prompts(cfg: Config) -> list[list[int]]:
+    """The first ppo.eval_prompts validation prompts that fit ppo.max_prompt_len: the same every run."""
+    rows = prompt_dataset(cfg, "valid").take(cfg.ppo.eval_prompts * 4)
+    return [list(r["prompt_ids"]) for r in rows if len(r["prompt_ids"]) <= cfg.ppo.max_prompt_len][:cfg.ppo.eval_prompts]
+
+
+class PromptStream:
+    """Training prompts from Ray Data, epoch after epoch (shuffled per epoch with a seeded buffer);
+    `consumed` is the data position a checkpoint records, so a resumed run skips what it has seen."""
+
+    def __init__(self, cfg: Config, consumed: int = 0):
+        self.ds, self.max_len, self.seed = prompt_dataset(cfg, "rl"), cfg.ppo.max_prompt_len, cfg.ppo.seed
+        self.consumed, self.skipped_long = consumed, 0
+        self._rows = self._forever(consumed)
+
+    def _forever(self, skip: int):
+        epoch = 0
+        while True:
+            batches = iter(self.ds.iter_batches(batch_size=256, batch_format="numpy", local_shuffle_buffer_size=2048,
+                                                local_shuffle_seed=self.seed + epoch))
+            try:
+                for batch in batches:
+                    for ids in batch["prompt_ids"]:
+                        if skip > 0:
+                            skip -= 1
+                            continue
+                        yield ids
+            finally:  # on close(): stop Ray Data's executor, whose thread would otherwise outlive ray.shutdown()
+                batches.close()
+            epoch += 1
+
+    def take(self, n: int) -> list[list[int]]:
+        out = []
+        while len(out) < n:
+            ids = next(self._rows)
+            self.consumed += 1
+            if len(ids) > self.max_len:
+                self.skipped_long += 1
+                continue
+            out.append(ids.tolist())
+        return out
+
+    def close(self) -> None:
+        self._rows.close()
