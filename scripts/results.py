@@ -208,12 +208,18 @@ class Page:
                          machine(info.get("machine")), commit(info or None)])
         self.add("## Stages", "", *table(["stage", "time", "date", "machine", "commit"], rows))
 
+    def run_file(self, name: str) -> dict | None:
+        """A JSON file of the run as a dict; when it is missing, a line on the page says it was not recorded."""
+        content = read_json(self.run / name)
+        if isinstance(content, dict):
+            return content
+        self.add(f"`{name}`: {NR}.", "")
+        return None
+
     def data(self) -> None:
         self.add("## Data", "")
-        m = read_json(self.run / "data" / "manifest.json")
-        if not isinstance(m, dict):
-            self.add(f"`data/manifest.json`: {NR}.", "")
-        else:
+        m = self.run_file("data/manifest.json")
+        if m:
             totals = m.get("totals") or {}
             rows = [["records", num((totals.get("records")))],
                     *[[f"records, split {k}", num(v)] for k, v in (totals.get("by_split") or {}).items()],
@@ -234,10 +240,8 @@ class Page:
 
     def causal(self, stage: str) -> None:
         self.add(f"## {TITLES[stage]}", "")
-        s = read_json(self.run / stage / "summary.json")
-        if not isinstance(s, dict):
-            self.add(f"`{stage}/summary.json`: {NR}.", "")
-        else:
+        s = self.run_file(f"{stage}/summary.json")
+        if s:
             self.add(*table(["figure", "value"], [
                 ["optimizer steps", num(s.get("steps"))],
                 ["held-out loss, first → last", arrow(s.get("first_eval_loss"), s.get("last_eval_loss"))],
@@ -246,15 +250,13 @@ class Page:
 
     def rm(self) -> None:
         self.add("## Reward model", "")
-        s = read_json(self.run / "rm" / "summary.json")
-        a = read_json(self.run / "rm" / "accuracy.json")
-        if isinstance(s, dict):
+        s = self.run_file("rm/summary.json")
+        if s:
             self.add(*table(["figure", "value"], [
                 ["optimizer steps", num(s.get("steps"))],
                 ["held-out loss, first → last", arrow(s.get("first_eval_loss"), s.get("last_eval_loss"))]]))
-        else:
-            self.add(f"`rm/summary.json`: {NR}.", "")
-        if isinstance(a, dict):
+        a = self.run_file("rm/accuracy.json")
+        if a:
             self.add("Held-out pairwise accuracy, with two baselines on the same pairs: the longer reply wins, "
                      "and the SFT model's own likelihood preference.", "")
             rows = [["**overall**", num(a.get("pairs")), "", num(a.get("overall")), num(a.get("length_baseline")),
@@ -264,16 +266,12 @@ class Page:
                              num(v.get("length_baseline")), num(v.get("base_likelihood"))])
             self.add(*table(["source", "held-out pairs", "training pairs", "accuracy", "longer reply",
                              "SFT likelihood"], rows))
-        else:
-            self.add(f"`rm/accuracy.json`: {NR}.", "")
         self.provenance("rm")
 
     def ppo(self) -> None:
         self.add("## PPO", "")
-        s = read_json(self.run / "ppo" / "summary.json")
-        if not isinstance(s, dict):
-            self.add(f"`ppo/summary.json`: {NR}.", "")
-        else:
+        s = self.run_file("ppo/summary.json")
+        if s:
             t = s.get("timing_s") or {}
             self.add(*table(["figure", "value"], [
                 ["steps", num(s.get("steps"))],
@@ -288,9 +286,8 @@ class Page:
 
     def evaluation(self) -> None:
         self.add("## Clinical evaluation", "")
-        r = read_json(self.run / "eval" / "results.json")
-        if not isinstance(r, dict):
-            self.add(f"`eval/results.json`: {NR}.", "")
+        r = self.run_file("eval/results.json")
+        if not r:
             self.provenance("eval")
             return
         models, fam, items = r.get("models") or [], r.get("families") or {}, r.get("items") or {}

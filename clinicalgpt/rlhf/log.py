@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
+from ..lineage import read_history
 
 # Exported to Prometheus as ray_clinicalgpt_ppo_<name>.
 METRICS = ("reward", "kl", "eval_reward", "samples_per_s", "generate_s", "score_s", "train_s", "sync_s", "step_s",
@@ -53,11 +54,7 @@ class Log:
     def summary(self, model: str) -> dict:
         self.history.close()
         self.tensorboard.close()
-        by_step = {}
-        for line in (self.out / "history.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
-        rows = [by_step[k] for k in sorted(by_step)]
+        rows = read_history(self.out / "history.jsonl")  # a step redone after a restart counts once
         train = [r for r in rows if "reward" in r]
         evals = [r for r in rows if "eval_reward" in r]
         head, tail = train[:3], train[-3:]
