@@ -16,7 +16,7 @@ import torch
 from clinicalgpt import rl
 from clinicalgpt.config import Config
 from clinicalgpt.experience import by_length, length_grouped_minibatches, response_logprobs, take_rows, token_values
-from clinicalgpt.trainer import CKPT_TAG, apply_lora, export_hf, zero2_config
+from clinicalgpt.trainer import apply_lora, export_hf, load_trained_state, save_trained_state, zero2_config
 
 
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -60,7 +60,6 @@ class PolicySource:
 @ray.remote
 class LearnerRank:
     def __init__(self, cfg: Config, rank: int, world: int):
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transfers = {}  # rollout engine index -> vLLM's NCCL trainer engine (rank 0, weight_sync=nccl)
@@ -101,32 +100,42 @@ class LearnerRank:
         if self.critic is not None:
             self.critic.eval()
 
-    def logprobs_and_values(self, batch: dict) -> dict[str, np.ndarray]:
-        """The rollout policy's own log-probs (and the critic's values) of this rank's share."""
+    def logprobs_and_values(self, batch: dict, temperature: float) -> dict[str, np.ndarray]:
+        """The rollout policy's own log-probs (at the sampling temperature; 0: greedy) and the critic's values
+        of this rank's share."""
         rows = self.cfg.ppo.forward_rows
+
+        def logprobs(b: dict) -> np.ndarray:
+            return response_logprobs(self.policy, b, self.device, temperature=temperature).cpu().numpy()
+
         with torch.no_grad():
-            out = {"logprobs": by_length(lambda b: response_logprobs(self.policy, b, self.device).cpu().numpy(), batch, rows)}
+            out = {"logprobs": by_length(logprobs, batch, rows)}
             if self.critic is not None:
                 out["values"] = by_length(lambda b: token_values(self.critic, b, self.device).cpu().numpy(), batch, rows)
         return out
 
     def train(self, batch: dict, step: int) -> dict[str, float]:
-        """PPO epochs over minibatches of this rank's share (every rank takes the same number of steps)."""
+        """PPO epochs over minibatches of this rank's share (every rank takes the same number of steps), the
+        policy loss weighted by truncated importance sampling against the engines' log-probs (ppo.tis_cap)."""
         ppo = self.cfg.ppo
         micro = ppo.minibatch // self.world
-        t = {k: torch.as_tensor(batch[k], device=self.device)
-             for k in ("response_mask", "old_logprobs", "advantages", "old_values", "returns") if k in batch}
+        t = {k: torch.as_tensor(batch[k], device=self.device) for k in (
+            "response_mask", "old_logprobs", "engine_logprobs", "advantages", "old_values", "returns") if k in batch}
         stats: dict[str, list[float]] = {}
         rng = np.random.default_rng([ppo.seed, step, self.rank])
         for _ in range(ppo.epochs):
             for idx in length_grouped_minibatches(batch, micro, ppo.length_group, rng):
                 sub = take_rows(batch, idx)
                 mask = t["response_mask"][idx]
-                logp, entropy = response_logprobs(self.policy, sub, self.device, with_entropy=True)
-                loss, s = rl.policy_loss(logp, t["old_logprobs"][idx], t["advantages"][idx], mask, ppo.clip)
+                old = t["old_logprobs"][idx]
+                logp, entropy = response_logprobs(self.policy, sub, self.device, with_entropy=True,
+                                                  temperature=ppo.temperature)
+                weights, tis = (rl.truncated_is_weights(old, t["engine_logprobs"][idx], mask, ppo.tis_cap)
+                                if ppo.tis_cap else (1.0, {}))
+                loss, s = rl.policy_loss(logp, old, t["advantages"][idx], mask, ppo.clip, weights)
                 self.policy.backward(loss)
                 self.policy.step()
-                s.update(policy_loss=loss.item(), entropy=float(rl.masked_mean(entropy.detach(), mask)))
+                s.update(tis, policy_loss=loss.item(), entropy=float(rl.masked_mean(entropy.detach(), mask)))
                 if self.critic is not None:
                     values = token_values(self.critic, sub, self.device)
                     vloss = rl.value_loss(values, t["old_values"][idx], t["returns"][idx], mask, ppo.value_clip)
@@ -168,14 +177,14 @@ class LearnerRank:
         return out[0, len(prompt):].tolist()
 
     def save(self, folder: str) -> None:
-        self.policy.save_checkpoint(str(Path(folder) / "policy"), tag=CKPT_TAG)
+        save_trained_state(self.policy, str(Path(folder) / "policy"))
         if self.critic is not None:
-            self.critic.save_checkpoint(str(Path(folder) / "critic"), tag=CKPT_TAG)
+            save_trained_state(self.critic, str(Path(folder) / "critic"))
 
     def load(self, folder: str) -> None:
-        self.policy.load_checkpoint(str(Path(folder) / "policy"), tag=CKPT_TAG)
+        load_trained_state(self.policy, str(Path(folder) / "policy"))
         if self.critic is not None:
-            self.critic.load_checkpoint(str(Path(folder) / "critic"), tag=CKPT_TAG)
+            load_trained_state(self.critic, str(Path(folder) / "critic"))
 
     def export(self, out: str) -> None:
         """The final policy in Hugging Face format: merged weights in out, the LoRA adapter beside it."""

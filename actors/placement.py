@@ -9,6 +9,15 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clinicalgpt.config import RoleConfig
+from clinicalgpt.runtime import device_env
+
+
+def actor_options(role: RoleConfig, name: str, group: PlacementGroup, index: int, max_restarts: int = 0) -> dict:
+    """Ray options of the role's index-th actor: its bundle of the group, and the environment its own hardware
+    needs (device_env: the job's environment is the same for every process and says nothing about GPUs)."""
+    return {"num_cpus": role.cpus, "num_gpus": role.gpus, "name": f"{name}-{index}", "max_restarts": max_restarts,
+            "runtime_env": {"env_vars": device_env(role.gpus)},
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, index)}
 
 
 def role_actors(actor_class, role: RoleConfig, name: str, args: Callable[[int], tuple],
@@ -20,7 +29,6 @@ def role_actors(actor_class, role: RoleConfig, name: str, args: Callable[[int], 
     bundle = {"CPU": role.cpus, **({"GPU": role.gpus} if role.gpus else {})}
     group = placement_group([bundle] * role.num, strategy="PACK", name=f"clinicalgpt-{name}")
     ray.get(group.ready(), timeout=300)
-    actors = [actor_class.options(num_cpus=role.cpus, num_gpus=role.gpus, name=f"{name}-{i}", max_restarts=max_restarts,
-                                  scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote(*args(i))
+    actors = [actor_class.options(**actor_options(role, name, group, i, max_restarts)).remote(*args(i))
               for i in range(role.num)]
     return actors, group

@@ -17,7 +17,9 @@ class ReferenceActor:
         self.model = load_model(model_path, dtype).to(self.device).eval()
         self.forward_rows = forward_rows
 
-    def logprobs(self, batch: dict) -> np.ndarray:
+    def logprobs(self, batch: dict, temperature: float) -> np.ndarray:
+        """At the sampling temperature, as the policy's (0: greedy, scored at 1): the KL compares the two
+        distributions the tokens could have been sampled from."""
         with torch.no_grad():
-            return by_length(lambda b: response_logprobs(self.model, b, self.device).cpu().numpy(), batch,
-                             self.forward_rows)
+            return by_length(lambda b: response_logprobs(self.model, b, self.device, temperature=temperature)
+                             .cpu().numpy(), batch, self.forward_rows)

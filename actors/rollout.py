@@ -19,7 +19,8 @@ import ray
 import torch
 
 from actors.placement import role_actors
-from clinicalgpt.config import RoleConfig
+from clinicalgpt.config import EngineConfig, RoleConfig
+from clinicalgpt.plan import check_engine
 
 # vLLM pickles the weight-loading function to its engine process only when allowed.
 # Its INFO lines (dozens per engine start) would bury the job's progress lines.
@@ -39,15 +40,21 @@ def _reload_weights(worker, blob: bytes) -> None:
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, model_path: str, max_model_len: int, seed: int, memory_fraction: float = 0.2,
+    def __init__(self, model_path: str, max_model_len: int, seed: int, engine: EngineConfig,
                  dtype: str = "float32", weight_transfer: str = ""):
         os.environ.update(ROLLOUT_ENV)
         self.uses_vllm = importlib.util.find_spec("vllm") is not None
         if self.uses_vllm:
             from vllm import LLM
             transfer = {"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}
-            self.llm = LLM(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
-                           gpu_memory_utilization=memory_fraction, **transfer)
+            # Tensor parallel ranks as processes of this actor on the GPUs Ray gave it ("mp"): vLLM 0.32's
+            # default inside a placement group is its Ray executor, which would ask the group for as many GPUs
+            # again (vllm/config/parallel.py); one engine's GPUs are on one node, as "mp" needs.
+            parallel = {"distributed_executor_backend": "mp"} if engine.tensor_parallel > 1 else {}
+            self.llm = LLM(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine.vllm_args(),
+                           **parallel,
+                           logprobs_mode="processed_logprobs",  # after temperature and top_p: see generate()
+                           **transfer)
         else:
             warnings.warn("vLLM is not installed: rollouts fall back to transformers generation (slow); "
                           "install the cpu or gpu extra")
@@ -65,11 +72,17 @@ class RolloutActor:
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, weights_version: int | None = None,
                  logprobs: bool = True) -> list[dict]:
-        """n samples per prompt, in prompt order (prompt 0's n samples first): response token ids and
-        the engine's log-prob of each sampled token (an empty list with logprobs=False: they cost vLLM
-        about as much time as the decoding here). temperature 0 is greedy. Prompt i samples with seed
-        seed + i: one seed for all would give every prompt the same random draws. With weights_version,
-        raises StaleWeights unless the engine holds that version."""
+        """n samples per prompt, in prompt order (prompt 0's n samples first): response token ids, the
+        engine's log-prob of each sampled token (an empty list with logprobs=False: they cost vLLM about as
+        much time as the decoding here) and whether the length limit cut the response (no EOS). temperature
+        0 is greedy. Prompt i samples with seed seed + i: one seed for all would give every prompt the same
+        random draws. With weights_version, raises StaleWeights unless the engine holds that version.
+
+        The log-probs are of the distribution each token was sampled from (vLLM's processed_logprobs): the
+        logits divided by the temperature (greedy: as they are), then with top_p < 1 renormalized over the
+        nucleus. A token outside the nucleus is never sampled; a sampled one's log-prob exceeds the learner's
+        at the same temperature by -log(nucleus mass), which the engine-learner gap and the TIS weights then
+        show (weights below 1: the learner's policy is the untruncated one)."""
         if weights_version is not None and weights_version != self.weights_version:
             raise StaleWeights(f"engine holds weights version {self.weights_version}, the policy {weights_version}")
         if not self.uses_vllm:
@@ -83,7 +96,8 @@ class RolloutActor:
         for out in outputs:
             for c in out.outputs:
                 ids = list(c.token_ids)
-                samples.append({"ids": ids, "logprobs": [step[t].logprob for step, t in zip(c.logprobs or [], ids)]})
+                samples.append({"ids": ids, "logprobs": [step[t].logprob for step, t in zip(c.logprobs or [], ids)],
+                                "truncated": c.finish_reason == "length"})
         return samples
 
     def _generate_transformers(self, prompts, n, max_new_tokens, temperature, top_p, seed, logprobs) -> list[dict]:
@@ -93,17 +107,22 @@ class RolloutActor:
         for p in prompts:
             ids = torch.tensor([p])
             greedy = temperature == 0
+            # top_k=0: no top-k cut (transformers' default is 50), as the vLLM engines sample. The scores are
+            # the logits after the processors (temperature, top_p; none when greedy): the log-probs of the
+            # distribution sampled from, as vLLM's processed_logprobs.
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=not greedy, temperature=None if greedy else temperature,
-                                      top_p=None if greedy else top_p, num_return_sequences=n,
-                                      output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad_id)
+                                      top_p=None if greedy else top_p, top_k=None if greedy else 0,
+                                      num_return_sequences=n, output_scores=True, return_dict_in_generate=True,
+                                      pad_token_id=self.pad_id)
             for row in range(n):
                 new = out.sequences[row, len(p):].tolist()
                 eos = self.model.generation_config.eos_token_id
-                length = next((i + 1 for i, t in enumerate(new) if t == eos), len(new))
+                end = next((i + 1 for i, t in enumerate(new) if t == eos), None)  # through the first EOS
+                length = end or len(new)
                 scores = ([torch.log_softmax(out.scores[i][row].float(), -1)[new[i]].item() for i in range(length)]
                           if logprobs else [])
-                samples.append({"ids": new[:length], "logprobs": scores})
+                samples.append({"ids": new[:length], "logprobs": scores, "truncated": end is None})
         return samples
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
@@ -187,8 +206,9 @@ class RolloutEngines:
     architecture as the last gets its weights loaded in place (0.1 s) instead of new engines (about
     40 s each on CPU)."""
 
-    def __init__(self, role: RoleConfig, name: str, max_len: int, seed: int, memory_fraction: float, dtype: str):
-        self.role, self.name, self.args = role, name, (max_len, seed, memory_fraction, dtype)
+    def __init__(self, role: RoleConfig, engine: EngineConfig, name: str, max_len: int, seed: int, dtype: str):
+        check_engine(engine, role.gpus, name)
+        self.role, self.name, self.args = role, name, (max_len, seed, engine, dtype)
         self.actors, self.group, self.architecture = [], None, None
 
     def load(self, model: str, path: str) -> list:
@@ -200,9 +220,9 @@ class RolloutEngines:
             print(f"[{self.name}] {model}: weights loaded into the running engine(s) in {seconds:.1f}s", flush=True)
             return self.actors
         self.close()
-        max_len, seed, memory_fraction, dtype = self.args
+        max_len, seed, engine, dtype = self.args
         self.actors, self.group = role_actors(RolloutActor, self.role, f"{self.name}-{model}", lambda i: (
-            path, max_len, seed + i, memory_fraction, dtype))
+            path, max_len, seed + i, engine, dtype))
         ray.get([a.__ray_ready__.remote() for a in self.actors])
         self.architecture = arch
         print(f"[{self.name}] {model}: {len(self.actors)} engine(s) started in {time.time() - started:.1f}s",

@@ -128,6 +128,11 @@ class TrainConfig:
     num_workers: int = 2
     min_workers: int = 0  # > 0: elastic, ScalingConfig(num_workers=(min_workers, num_workers))
     cpus_per_worker: float = 0.5  # fractional, so Ray Data can stream on the same cores
+    # GPUs of each worker (the 7B presets: 1); 0 = CPUs, with DeepSpeed's CPU accelerator. A setting of the
+    # stage, not the driver's hardware: on a cluster the driver runs on a CPU head.
+    gpus_per_worker: float = 0.0
+    # Recompute each layer's activations in the backward pass instead of keeping them (docs/sizing.md).
+    gradient_checkpointing: bool = False
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
     checkpoint_every: int = 50  # optimizer steps
     eval_every: int = 25
@@ -140,6 +145,25 @@ class TrainConfig:
     # Share of each pair source's training pairs the reward model trains on (missing sources: all).
     pair_fractions: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
+
+
+@dataclass
+class EngineConfig:
+    """A vLLM engine's settings: the PPO rollout engines (ppo.engine), the evaluation's (eval.engine) and the
+    served model's (serve.engine)."""
+
+    # vLLM's gpu_memory_utilization: the share of a GPU's memory for weights and KV cache; on CPU the share
+    # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
+    memory_fraction: float = 0.2
+    enforce_eager: bool = True  # no CUDA graphs (vLLM's CPU build has none); the GPU presets capture them
+    tensor_parallel: int = 1  # GPUs one engine spans (its role's gpus must be as many), on one node
+    max_num_seqs: int = 0  # sequences an engine decodes at once; 0 = vLLM's default
+
+    def vllm_args(self) -> dict:
+        """These settings as vLLM's engine arguments."""
+        return {"gpu_memory_utilization": self.memory_fraction, "enforce_eager": self.enforce_eager,
+                "tensor_parallel_size": self.tensor_parallel,
+                **({"max_num_seqs": self.max_num_seqs} if self.max_num_seqs else {})}
 
 
 @dataclass
@@ -166,10 +190,13 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     reward: str = "model"  # model | length:<tokens> | contains:<text> (verifiable rules, see actors/reward.py)
+    # The score of a response cut at max_new_tokens (no EOS) in place of the reward's, e.g. -1 so that
+    # unfinished answers lose; None: scored like any other.
+    truncated_score: float | None = None
     advantage: str = "gae"  # gae (with a critic) | grpo | rloo (critic-free, over the samples of a prompt)
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # gae only: grpo and rloo are already centred within each prompt
     kl_estimator: str = "k1"  # k1 | k2 | k3
     kl_controller: str = "fixed"  # fixed | adaptive (Ziegler et al.)
     kl_coef: float = 0.05
@@ -181,6 +208,9 @@ class PPOConfig:
     lr: float = 5e-4  # the tiny model's LoRA; the 7B presets use the paper's 1e-5
     critic_lr: float = 5e-5
     clip: float = 0.2
+    # Truncated importance sampling: each token's policy loss weighted by min(pi_learner / pi_engine, tis_cap),
+    # for the engines sampling a slightly different policy than the learner's (bf16 weights); 0 = off.
+    tis_cap: float = 2.0
     value_clip: float = 0.2
     grad_clip: float = 1.0
     bf16: bool = False
@@ -189,12 +219,10 @@ class PPOConfig:
     reference: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=0.25))
     reward_model: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=0.25))
     learner: RoleConfig = field(default_factory=lambda: RoleConfig(num=2))
-    # vLLM's gpu_memory_utilization: the share of a GPU's memory for weights and KV cache; on CPU the share
-    # of host memory vLLM insists is free when it starts (its KV cache is VLLM_CPU_KVCACHE_SPACE GiB).
-    rollout_memory_fraction: float = 0.2
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the rollout engines' vLLM settings
     # How new policy weights reach the rollout engines: object_store (through Ray, on any hardware) or nccl
     # (vLLM's weight transfer: a broadcast from learner rank 0 into each engine, GPU to GPU, which needs whole
-    # GPUs for both roles: NCCL cannot join two processes on one GPU); auto: nccl where it can run.
+    # GPUs for both roles: NCCL cannot join two processes on one GPU); auto: the path that has run (object_store).
     weight_sync: str = "auto"
     rollout_restarts: int = 3  # a rollout engine that dies is rebuilt, and given the current weights, this many times
     # Other role deaths (a learner rank, the reference, the reward model) survived by restarting all the
@@ -230,7 +258,8 @@ class EvalConfig:
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's key
     judge_tie_margin: float = 0.1  # reward_model: score gaps up to this are ties
     rollout: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=1.0))
-    rollout_memory_fraction: float = 0.2  # as ppo.rollout_memory_fraction
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    reward_model: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=0.5))  # judge=reward_model
     seed: int = 0
 
 
@@ -257,7 +286,7 @@ class ServeConfig:
     api_key_file: str = ""
     cpus: float = 1.0  # per engine replica
     gpus: float = 0.0
-    memory_fraction: float = 0.2  # as ppo.rollout_memory_fraction
+    engine: EngineConfig = field(default_factory=EngineConfig)
     seed: int = 0
 
 

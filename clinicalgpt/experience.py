@@ -97,9 +97,12 @@ def model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict[str, t
     return {"input_ids": ids, "attention_mask": attention, "position_ids": positions}
 
 
-def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", with_entropy: bool = False):
+def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", with_entropy: bool = False,
+                      temperature: float = 1.0):
     """log p(response token | everything before it) per response column, [B, L] (and the entropy of each
-    predicting distribution when asked), padded back to L columns with zeros after trimming."""
+    predicting distribution when asked), padded back to L columns with zeros after trimming. p is the
+    distribution the tokens were sampled from: softmax(logits / temperature), as the engines sample (the PPO
+    ratio and the KL must compare the policy that sampled); greedy decoding (temperature 0) is scored at 1."""
     L = batch["response_mask"].shape[1]
     batch = trim(batch)
     inputs = model_inputs(batch, device)
@@ -109,6 +112,7 @@ def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", wi
     # Only the columns that predict the response go through the vocabulary projection (logits_to_keep).
     responses = inputs["input_ids"].shape[1] - P
     logits = model(**inputs, use_cache=False, logits_to_keep=responses + 1).logits[:, :-1].float()
+    logits = logits / (temperature or 1.0)
     targets = inputs["input_ids"][:, P:]
     logp = _pad_to(torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), L)
     return (logp, _pad_to(entropy_from_logits(logits), L)) if with_entropy else logp
@@ -126,10 +130,15 @@ def _head_at_every_position(model, batch: dict, device) -> torch.Tensor:
 
 
 def sequence_scores(model, batch: dict, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A reward model's score of each (prompt, response): its head on the last real token."""
+    """A reward model's score of each (prompt, response), read where its training reads it (reward_model.scores):
+    both take the classifier's own pooling, transformers' rule of each row's last token that is not the pad
+    token. That is the response's last token; where the pad token is the EOS (Qwen2.5 base: <|endoftext|>),
+    the token before a closing EOS, as for the replies in training, which end with that EOS too."""
     batch = trim(batch)
-    last = batch["prompt_len"] + torch.as_tensor(batch["response_mask"]).sum(1).long() - 1
-    return _head_at_every_position(model, batch, device)[torch.arange(len(last)), last.to(device)]
+    inputs = model_inputs(batch, device)
+    if getattr(model, "module", model).config.model_type == "bloom":
+        inputs.pop("position_ids")
+    return model(**inputs, use_cache=False).logits[:, 0].float()
 
 
 def token_values(critic, batch: dict, device: torch.device | str = "cpu") -> torch.Tensor:

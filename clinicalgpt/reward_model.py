@@ -194,7 +194,9 @@ def length_groups(batch: dict[str, np.ndarray], micro_batch: int, pad_id: int) -
 
 
 def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Reward per sequence; trailing all-pad columns are cut first (they cost compute, change nothing)."""
+    """Reward per sequence: the head at its last token that is not the pad token (the classifier's own pooling,
+    as PPO scores with experience.sequence_scores); trailing all-pad columns are cut first (they cost compute,
+    change nothing)."""
     width = int((ids != pad_id).sum(1).max())
     return model(input_ids=ids[:, :width], use_cache=False).logits[:, 0].float()
 
@@ -224,31 +226,32 @@ class RewardTask(Task):
         export_hf(model, cfg, out)
 
 
-def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int) -> np.ndarray:
+def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int, device: str = "cpu") -> np.ndarray:
     """Mean log-prob per token that a causal LM gives each row's reply (its last reply_len real tokens of
     right-padded ids) after the prompt before it."""
     from .experience import build_batch, response_logprobs
     lengths = (ids != pad_id).sum(1)
     batch = build_batch([list(row[:n - r]) for row, n, r in zip(ids, lengths, reply_len)],
                         [list(row[n - r:n]) for row, n, r in zip(ids, lengths, reply_len)], pad_id)
-    logp = response_logprobs(model, batch).numpy()
+    logp = response_logprobs(model, batch, device).cpu().numpy()
     return (logp * batch["response_mask"]).sum(1) / batch["response_mask"].sum(1)
 
 
-def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset, base_dir: str,
+def pairwise_accuracy(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray], dtype: str,
                       batch_size: int = 32) -> dict:
-    """Held-out pairwise accuracy, overall and per source (the chosen reply must score higher), beside two
-    baselines (ties count half): the longer reply wins, the shortcut an AI-judged corpus invites; and the
-    reply the base model (the SFT model the RM starts from) finds more likely per token, which is what
-    that model already knows: a factual-error pair it prefers at chance is a fact it does not hold."""
+    """Held-out pairwise accuracy of tokenized pairs, overall and per source (the chosen reply must score
+    higher), beside two baselines (ties count half): the longer reply wins, the shortcut an AI-judged corpus
+    invites; and the reply the base model (the SFT model the RM starts from) finds more likely per token,
+    which is what that model already knows: a factual-error pair it prefers at chance is a fact it does not
+    hold. Loads both models: run_reward_stage runs it as a Ray task on the stage's worker resources."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from .modeling import DTYPES
     from .tokenizer import load_tokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype]).to(device).eval()
     pad = load_tokenizer(model_dir).pad_token_id
     per_source = defaultdict(lambda: ([], [], []))  # source -> (model correct, longer reply, base model's preference)
-    tokenized = list(tokenized_pairs(cfg, test_pairs).iter_batches(batch_size=None, batch_format="numpy"))
-    pairs = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
     # Scored in order of length, so that a batch holds pairs of about one length and scores() trims most padding.
     lengths = np.maximum((pairs["chosen_ids"] != pad).sum(1), (pairs["rejected_ids"] != pad).sum(1))
     order = np.argsort(lengths, kind="stable")
@@ -258,11 +261,11 @@ def pairwise_accuracy(cfg: Config, model_dir: str, test_pairs: ray.data.Dataset,
             n = len(batch["chosen_ids"])
             both = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
             ids = torch.as_tensor(both)
-            r = scores(model, ids, pad)
+            r = scores(model, ids.to(device), pad).cpu()
             lengths = (ids != pad).sum(1)
             longer = (torch.sign(lengths[:n] - lengths[n:]) + 1) / 2
             reply_lens = np.concatenate([batch["chosen_reply_len"], batch["rejected_reply_len"]])
-            liked = reply_likelihood(base, both, reply_lens, pad)
+            liked = reply_likelihood(base, both, reply_lens, pad, device)
             likes = (np.sign(liked[:n] - liked[n:]) + 1) / 2
             for i, (source, ok) in enumerate(zip(batch["source"], (r[:n] > r[n:]).tolist())):
                 for column, value in zip(per_source[source], (ok, longer[i].item(), float(likes[i]))):
@@ -318,7 +321,13 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str]) -> dict:
     if result.error:
         raise SystemExit(f"[rm] training failed: {result.error}")
 
-    accuracy = pairwise_accuracy(cfg, str(out / "final"), test, base_dir=source)
+    # Two models at once, in the stage's dtype, on a training worker's resources (a GPU on the real presets),
+    # not in the driver; the pairs are tokenized by Ray Data here and travel through the object store.
+    tokenized = list(tokenized_pairs(cfg, test).iter_batches(batch_size=None, batch_format="numpy"))
+    held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
+    accuracy = ray.get(ray.remote(pairwise_accuracy).options(
+        num_cpus=cfg.rm.cpus_per_worker, num_gpus=cfg.rm.gpus_per_worker).remote(
+        str(out / "final"), source, held_out, cfg.model.dtype))
     for name, row in accuracy["per_source"].items():
         row["train_pairs"] = trained_on.get(name, 0)
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))

@@ -52,6 +52,14 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, bet
     return rewards
 
 
+def response_scores(scores: torch.Tensor, truncated: torch.Tensor, truncated_score: float | None) -> torch.Tensor:
+    """The reward of each response: its score, or truncated_score (when not None) for a response the length
+    limit cut (no EOS): an unfinished answer gets a fixed score, whatever its text."""
+    if truncated_score is None:
+        return scores
+    return torch.where(truncated, torch.as_tensor(truncated_score, dtype=scores.dtype), scores)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation, backwards over each response; the value after the last token
@@ -69,27 +77,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def group_advantages(returns: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
     """Critic-free advantages of whole responses, n samples per prompt in consecutive rows.
-    grpo: (R - group mean) / (group std + eps); rloo: R - mean of the other samples of the prompt."""
+    grpo: (R - group mean) / (group std + eps); rloo: R - mean of the other samples of the prompt. Both
+    compare the samples of a prompt: one sample has no std (grpo: NaN) and no others (rloo)."""
+    if estimator not in ("grpo", "rloo"):
+        raise ValueError(f"unknown group estimator {estimator!r} (grpo, rloo)")
+    if group_size < 2:
+        raise ValueError(f"{estimator} needs at least 2 samples per prompt (ppo.samples_per_prompt), got {group_size}")
     groups = returns.view(-1, group_size)
     if estimator == "grpo":
         out = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)
-    elif estimator == "rloo":
-        if group_size < 2:
-            raise ValueError("rloo needs at least 2 samples per prompt (ppo.samples_per_prompt)")
-        out = (groups - groups.mean(1, keepdim=True)) * group_size / (group_size - 1)
     else:
-        raise ValueError(f"unknown group estimator {estimator!r} (grpo, rloo)")
+        out = (groups - groups.mean(1, keepdim=True)) * group_size / (group_size - 1)
     return out.reshape(-1)
 
 
 # ppo.advantage: name -> fn(token rewards, the critic's values or None, mask, the ppo config) ->
-# (advantages, returns for the critic or None). `uses_critic` says whether PPO trains a value model for it.
+# (advantages, returns for the critic or None). `uses_critic` says whether PPO trains a value model for it;
+# `min_samples` is the fewest ppo.samples_per_prompt it works with (the job refuses fewer before starting).
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 
 
-def advantage_estimator(name: str, uses_critic: bool = False):
+def advantage_estimator(name: str, uses_critic: bool = False, min_samples: int = 1):
     def register(fn):
-        fn.uses_critic = uses_critic
+        fn.uses_critic, fn.min_samples = uses_critic, min_samples
         ADVANTAGE_ESTIMATORS[name] = fn
         return fn
     return register
@@ -97,28 +107,46 @@ def advantage_estimator(name: str, uses_critic: bool = False):
 
 @advantage_estimator("gae", uses_critic=True)
 def gae_advantages(rewards, values, mask, ppo):
-    return gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    """GAE, whitened over the batch's tokens (ppo.whiten_advantages): the critic's advantages have no fixed
+    scale. The group estimators are already centred within each prompt, and whitening them again, token-
+    weighted, would give a group whose samples all scored alike non-zero advantages that grow with length."""
+    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    return (whiten(advantages, mask) if ppo.whiten_advantages else advantages), returns
 
 
-@advantage_estimator("grpo")
+@advantage_estimator("grpo", min_samples=2)
 def grpo_advantages(rewards, values, mask, ppo):
     return group_advantages(rewards.sum(1), ppo.samples_per_prompt, "grpo")[:, None] * mask, None
 
 
-@advantage_estimator("rloo")
+@advantage_estimator("rloo", min_samples=2)
 def rloo_advantages(rewards, values, mask, ppo):
     return group_advantages(rewards.sum(1), ppo.samples_per_prompt, "rloo")[:, None] * mask, None
 
 
+def truncated_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, cap: float
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling (Yao et al. 2025, as in verl and OpenRLHF): the engines sample from a
+    slightly different policy than the learner's (bf16 rounds small LoRA updates away from the merged weights;
+    other kernels), so each token's policy-gradient term is weighted by min(pi_old / pi_engine, cap), pi_old
+    being the learner's policy before the update. Detached weights, with their mean and the fraction of
+    tokens whose ratio the cap truncated."""
+    ratio = torch.exp(old_logp - engine_logp).detach()
+    weights = ratio.clamp(max=cap)
+    return weights, {"tis_weight": float(masked_mean(weights, mask)),
+                     "tis_truncated_tokens": float(masked_mean((ratio > cap).float(), mask))}
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi / pi_old; with the clip
-    fraction and the approximate KL to the rollout policy (k3)."""
+                clip: float, weights: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip: mean over tokens of w * max(-A r, -A clip(r, 1-e, 1+e)), r = pi / pi_old, w a per-token
+    weight (truncated_is_weights; 1: none); with the clip fraction and the approximate KL to the rollout
+    policy (k3)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = masked_mean(torch.max(unclipped, clipped) * weights, mask)
     with torch.no_grad():
         stats = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
                  "approx_kl": float(masked_mean(torch.expm1(-log_ratio) + log_ratio, mask))}

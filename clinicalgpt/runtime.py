@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
 import psutil
 import ray
 import ray.data
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
 from .config import Config
 
-# Set before Ray starts so that every worker inherits them.
+# Set before Ray starts so that every worker inherits them. What depends on a process's hardware is set per
+# actor and worker from its own resources (device_env), never here: the driver may run on a CPU head.
 JOB_ENV = {
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),  # silences DeepSpeed's probe on CPU hosts
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),  # models come from local paths
     "TOKENIZERS_PARALLELISM": "false",  # Ray Data already runs tokenizers in parallel
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -29,9 +31,30 @@ JOB_ENV = {
 }
 
 
+def device_env(gpus: float) -> dict[str, str]:
+    """The environment of an actor or Ray Train worker with `gpus` GPUs: DeepSpeed's accelerator (cuda with GPUs,
+    else cpu, which also spares CPU hosts DeepSpeed's probe). Ray sets CUDA_VISIBLE_DEVICES to the GPUs it grants."""
+    return {"DS_ACCELERATOR": "cuda" if gpus > 0 else "cpu"}
+
+
+def submitted_job_env() -> dict[str, str]:
+    """The env_vars of the runtime env a `ray job submit` gave this driver (none when not submitted): Ray
+    passes the job's config to its driver in $RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def driver_runtime_env(job_env: dict[str, str]) -> dict:
+    """The runtime env init_ray passes to ray.init: JOB_ENV without the keys the submitted job's runtime env
+    sets, which reach every process already (the job's values win), and which Ray 2.60 refuses to merge
+    (ray/_private/worker.py, _merge_runtime_env: no key may be set by both)."""
+    return {"env_vars": {k: v for k, v in JOB_ENV.items() if k not in job_env}}
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster at ray.address / $RAY_ADDRESS (as under `ray job submit`), else start a local one."""
-    os.environ.update(JOB_ENV)
+    runtime_env = driver_runtime_env(submitted_job_env())
+    os.environ.update(runtime_env["env_vars"])
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # jobs print their own progress lines
     # The V1 Parquet reader makes one read task and block per shard; Ray 2.60's V2 reader put all shards
@@ -41,13 +64,13 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": JOB_ENV})
+        ray.init(address=address, runtime_env=runtime_env)
     else:
         # Logical CPUs beyond the cores: training workers and the Ray Data tasks that feed them must all
         # be scheduled at once (they wait on each other), even on a 2-core machine.
         # address="local": never attach to a cluster that `ray start` left on this machine.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
-                 runtime_env={"env_vars": JOB_ENV})
+                 runtime_env=runtime_env)
 
 
 class PeakMemory:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+import ray
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata  # as ray.serve.llm's own example
 from ray.serve.llm import LLMConfig, build_llm_deployment
@@ -25,6 +26,7 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
 from .config import Config, ServeConfig, load_config
+from .plan import check_engine
 from .runtime import JOB_ENV
 from .tokenizer import load_tokenizer, prompt_ids
 
@@ -190,27 +192,35 @@ def served_model(cfg: Config) -> str:
     base = cfg.stage_model(cfg.serve.model)
     if not cfg.serve.adapter:
         return base
+    adapter = Path(cfg.serve.adapter).resolve()
+    out = cfg.stage_dir("serve") / f"merged-{adapter.name}"
+    # A whole model in memory: merged on an engine replica's resources, not in the driver.
+    ray.get(ray.remote(merge_adapter).options(num_cpus=cfg.serve.cpus, num_gpus=cfg.serve.gpus).remote(
+        cfg, base, str(adapter), str(out)))
+    return str(out)
+
+
+def merge_adapter(cfg: Config, base: str, adapter: str, out: str) -> None:
+    """The base model with a LoRA adapter merged in, saved with the tokenizer to out."""
     from peft import PeftModel
     from .modeling import load_model
     from .trainer import export_hf
-    adapter = Path(cfg.serve.adapter).resolve()
-    out = cfg.stage_dir("serve") / f"merged-{adapter.name}"
-    export_hf(PeftModel.from_pretrained(load_model(base, cfg.model.dtype), str(adapter)), cfg, out)
-    return str(out)
+    export_hf(PeftModel.from_pretrained(load_model(base, cfg.model.dtype), adapter), cfg, Path(out))
 
 
 def chat_app(cfg: Config, deployment_config: dict):
     """The Serve application: engine replicas with the given Serve deployment options (autoscaling,
     max_ongoing_requests) behind the clinical ingress."""
-    settings = cfg.serve
+    settings, engine = cfg.serve, cfg.serve.engine
+    check_engine(engine, settings.gpus, "serve")
     path = served_model(cfg)
-    bundle = {"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus else {})}
+    # A bundle per tensor-parallel rank: on GPUs Ray Serve LLM runs vLLM's Ray executor, one rank a bundle.
+    rank = {"GPU": settings.gpus / engine.tensor_parallel} if settings.gpus else {}
     llm = LLMConfig(
         model_loading_config={"model_id": settings.model_name, "model_source": path},
-        # On CPU, gpu_memory_utilization is the share of host memory vLLM requires free at start.
-        engine_kwargs={"dtype": cfg.model.dtype, "max_model_len": settings.max_model_len, "enforce_eager": not settings.gpus,
-                       "gpu_memory_utilization": settings.memory_fraction, "seed": settings.seed},
-        placement_group_config={"bundles": [bundle]},
+        engine_kwargs={"dtype": cfg.model.dtype, "max_model_len": settings.max_model_len, "seed": settings.seed,
+                       **engine.vllm_args()},
+        placement_group_config={"bundles": [{"CPU": settings.cpus, **rank}] + [rank] * (engine.tensor_parallel - 1)},
         deployment_config=deployment_config,
         runtime_env={"env_vars": JOB_ENV})
     ingress = make_fastapi_ingress(ClinicalIngress, endpoint_map=ENDPOINTS)

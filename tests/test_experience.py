@@ -1,4 +1,8 @@
-"""Rollout batches: trimming the padding and scoring in length-sorted chunks change no number."""
+"""Rollout batches: trimming the padding and scoring in length-sorted chunks change no number; log-probs at
+the sampling temperature; a reward model read in PPO where its training reads it."""
+
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -6,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from clinicalgpt.experience import (build_batch, by_length, length_grouped_minibatches, length_order, response_logprobs,
                                     sequence_scores, take_rows, token_values, trim)
+from clinicalgpt.reward_model import scores as reward_model_scores
 
 PAD = 0
 PROMPTS = [[5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15], [16], [17, 18, 19, 20]]
@@ -72,3 +77,49 @@ def test_length_grouped_minibatches_pad_less_and_cover_each_row_once():
     assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
     # A remainder that makes no whole minibatch is left out (every rank takes the same number of steps).
     assert len(length_grouped_minibatches(take_rows(batch, slice(0, 30)), 8, 2, rng)) == 3
+
+
+class FixedLogits(torch.nn.Module):
+    """A language model whose next-token logits are [0, ln 3] everywhere (a vocabulary of 2)."""
+    config = SimpleNamespace(model_type="fixed")
+
+    def forward(self, input_ids, logits_to_keep, **kwargs):
+        return SimpleNamespace(logits=torch.tensor([0.0, math.log(3)]).expand(len(input_ids), logits_to_keep, 2))
+
+
+def test_response_logprobs_are_those_of_the_sampling_temperature():
+    batch = build_batch([[0, 1, 1]], [[1, 0]], PAD)
+    logp, entropy = response_logprobs(FixedLogits(), batch, with_entropy=True, temperature=0.5)
+    # logits / 0.5 = [0, 2 ln 3]: p = [1, 9] / 10; entropy -(0.1 ln 0.1 + 0.9 ln 0.9) = 0.325083
+    np.testing.assert_allclose(logp.numpy(), [[math.log(0.9), math.log(0.1)]], atol=1e-6)
+    np.testing.assert_allclose(entropy.numpy(), [[0.325083, 0.325083]], atol=1e-6)
+    # Temperature 1: p = [1, 3] / 4. Greedy decoding (temperature 0) is scored at 1.
+    for temperature in (1.0, 0.0):
+        logp = response_logprobs(FixedLogits(), batch, temperature=temperature)
+        np.testing.assert_allclose(logp.numpy(), [[math.log(0.75), math.log(0.25)]], atol=1e-6)
+
+
+def test_a_reward_model_whose_pad_is_its_eos_scores_ppo_responses_where_training_scored_replies():
+    """Qwen2.5 base's pad token is its EOS (<|endoftext|>). The reward model is trained on prompt + reply +
+    EOS, right-padded, and reads its score at the last token that is not the pad token: the reply's last,
+    before the EOS. PPO reads a sampled response, which ends with the EOS the engine drew (or not, when the
+    length limit cut it), at the same token."""
+    eos = 3
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32, pad_token_id=eos, eos_token_id=eos, num_labels=1)
+    rm = AutoModelForSequenceClassification.from_config(config).eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    responses = [[21, 22, eos], [23, 24, 25, 26]]  # the second one cut at the length limit: no EOS
+    training_rows = torch.tensor([[5, 6, 7, 21, 22, eos, eos], [8, 9, 23, 24, 25, 26, eos]])
+    with torch.no_grad():
+        def head(ids: list[int]) -> torch.Tensor:  # the head at every position of one unpadded sequence
+            return rm.score(rm.model(input_ids=torch.tensor([ids])).last_hidden_state)[0, :, 0]
+
+        expected = [head([5, 6, 7, 21, 22])[-1], head([8, 9, 23, 24, 25, 26])[-1]]  # at 22 and at 26
+        in_training = reward_model_scores(rm, training_rows, eos)
+        in_ppo = sequence_scores(rm, build_batch(prompts, responses, eos))
+        at_the_eos = head([5, 6, 7, 21, 22, eos])[-1]
+    np.testing.assert_allclose(in_training.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(in_ppo.numpy(), expected, atol=1e-5)
+    assert abs(float(at_the_eos - expected[0])) > 1e-3  # the response's last token, the EOS, would differ

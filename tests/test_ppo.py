@@ -129,10 +129,11 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_ro
     learner = roles.learners.ranks[0]
     prompts = stream.take(cfg.ppo.prompts_per_step)
     probe = build_batch(prompts[:4], [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]], roles.pad_id)
-    before = ray.get(learner.logprobs_and_values.remote(probe))["logprobs"]
+    before = ray.get(learner.logprobs_and_values.remote(probe, 0.0))["logprobs"]  # greedy answers: temperature 0
     first = ppo_step(cfg, roles, prompts, 0.05, 0)  # trains, then pushes the new weights
     second = ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 1)
-    moved = np.abs(ray.get(learner.logprobs_and_values.remote(probe))["logprobs"] - before)[probe["response_mask"] > 0].max()
+    now = ray.get(learner.logprobs_and_values.remote(probe, 0.0))["logprobs"]
+    moved = np.abs(now - before)[probe["response_mask"] > 0].max()
     after = [ray.get(learner.greedy.remote(p, 24)) for p in prompts[:4]]
     engine = [s["ids"] for p in prompts[:4] for s in ray.get(roles.rollout.engines[0].generate.remote([p], 1, 24, 0.0))]
     assert moved > 1e-3  # the policy did change (its greedy text may not, on a barely-trained model)

@@ -59,8 +59,59 @@ def test_group_advantages():
     close(rl.group_advantages(returns, 2, "grpo"), [-0.70710, 0.70710, -0.70710, 0.70710], tol=1e-4)
     # rloo: R minus the other sample: 1 - 2, 2 - 1, 3 - 5, 5 - 3
     close(rl.group_advantages(returns, 2, "rloo"), [-1.0, 1.0, -2.0, 2.0])
-    with pytest.raises(ValueError):
-        rl.group_advantages(returns, 1, "rloo")
+    for estimator in ("grpo", "rloo"):  # one sample: no std (grpo would give NaN), no other samples
+        with pytest.raises(ValueError, match=f"{estimator} needs at least 2 samples per prompt"):
+            rl.group_advantages(returns, 1, estimator)
+
+
+def test_group_advantages_are_not_whitened_again():
+    from clinicalgpt.config import load_config
+    from clinicalgpt.rlhf.step import advantages
+    cfg = load_config(["ppo.samples_per_prompt=2", "ppo.advantage=grpo"])  # ppo.whiten_advantages stays on
+    zeros = torch.zeros(4, 3)
+    scored = {"scores": T([2.0, 2.0, 1.0, 3.0]), "old_logprobs": zeros, "ref_logprobs": zeros}
+    mask = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    adv = advantages(cfg, scored, mask, beta=0.1)["advantages"]
+    # Prompt 0's samples scored alike (3 and 1 tokens long): 0 on every token. Prompt 1: [1, 3] -> -/+ 0.7071
+    # (sample std sqrt(2)) on each token. A token-weighted whitening would move prompt 0's zeros by the mean
+    # over tokens, (-0.7071 + 2 * 0.7071) / 7, there because prompt 1's better answer is the longer one.
+    close(adv, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-0.70711, 0.0, 0.0], [0.70711, 0.70711, 0.0]], tol=1e-4)
+    # gae whitens its own. KL 0, values 0, gamma = lam = 1: the return to go, 2 2 2 | 2 | 1 1 | 3 3 over the
+    # 8 tokens: mean 2, population variance 4/8 -> (R - 2) / sqrt(0.5)
+    cfg = load_config(["ppo.gamma=1.0", "ppo.lam=1.0"])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    adv = advantages(cfg, {**scored, "old_values": zeros}, mask, beta=0.1)["advantages"]
+    close(adv, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-1.41421, -1.41421, 0.0], [1.41421, 1.41421, 0.0]], tol=1e-4)
+
+
+def test_truncated_importance_weights_and_the_policy_loss_they_weight():
+    old = T([[math.log(0.5), math.log(0.3), math.log(0.2), 0.0]])
+    engine = T([[math.log(0.4), math.log(0.1), math.log(0.25), 5.0]])  # the last column is padding
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    weights, stats = rl.truncated_is_weights(old, engine, mask, cap=2.0)
+    # pi_old / pi_engine = 0.5 / 0.4 = 1.25; 0.3 / 0.1 = 3 -> capped at 2; 0.2 / 0.25 = 0.8
+    close(weights[:, :3], [[1.25, 2.0, 0.8]])
+    assert stats["tis_weight"] == pytest.approx((1.25 + 2.0 + 0.8) / 3)  # 1.35
+    assert stats["tis_truncated_tokens"] == pytest.approx(1 / 3)
+    # The ratios 1.5, 0.5 and 1 against the learner's old log-probs, A = 1, clip 0.2: per-token losses -1.2
+    # (clipped), -0.5, -1 (test_ppo_clip_policy_loss), each times its weight: (-1.5 - 1.0 - 0.8) / 3 = -1.1
+    logp = old + T([[math.log(1.5), math.log(0.5), 0.0, 0.0]])
+    loss, _ = rl.policy_loss(logp, old, torch.ones(1, 4), mask, clip=0.2, weights=weights)
+    close(loss, -1.1)
+    # The weights are constants: the gradient is w * d(loss term), here d(-A r)/d logp = -r on the unclipped tokens.
+    logp.requires_grad_(True)
+    rl.policy_loss(logp, old, torch.ones(1, 4), mask, clip=0.2, weights=weights)[0].backward()
+    close(logp.grad, [[0.0, -2.0 * 0.5 / 3, -0.8 * 1.0 / 3, 0.0]])
+
+
+def test_a_truncated_response_scores_the_set_score():
+    scores, truncated = T([0.7, -0.2, 1.5]), torch.tensor([False, True, True])
+    close(rl.response_scores(scores, truncated, None), [0.7, -0.2, 1.5])  # off: the reward's own scores
+    close(rl.response_scores(scores, truncated, -1.0), [0.7, -1.0, -1.0])
+    # And on the last token of each response, beside -beta * KL (beta 0.5, KL 0.2 per token):
+    mask = T([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    rewards = rl.token_rewards(rl.response_scores(scores, truncated, -1.0), torch.full((3, 2), 0.2) * mask, mask, 0.5)
+    close(rewards, [[-0.1, -0.1 + 0.7], [-0.1 - 1.0, 0.0], [-0.1, -0.1 - 1.0]])
 
 
 def test_ppo_clip_policy_loss():
@@ -94,7 +145,7 @@ def test_explained_variance():
 
 def test_ppo_advantage_names_an_estimator_and_whether_it_trains_a_critic():
     from clinicalgpt.config import load_config
-    ppo = load_config(["ppo.samples_per_prompt=2", "ppo.gamma=1.0", "ppo.lam=1.0"]).ppo
+    ppo = load_config(["ppo.samples_per_prompt=2", "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.whiten_advantages=false"]).ppo
     rewards, mask = T([[0.0, 1.0], [0.0, 3.0]]), T([[1.0, 1.0], [1.0, 1.0]])  # one prompt, two samples
     adv, returns = rl.ADVANTAGE_ESTIMATORS["rloo"](rewards, None, mask, ppo)
     close(adv, [[-2.0, -2.0], [2.0, 2.0]])  # 1 - 3 and 3 - 1 on every token
@@ -128,6 +179,10 @@ def test_entropy_from_logits():
                                           ("ppo.kl_estimator=k9", "one of k1, k2, k3"),
                                           ("ppo.kl_controller=nope", "one of fixed, adaptive"),
                                           ("ppo.advantage=a2c", "one of gae, grpo, rloo"),
+                                          ("ppo.advantage=grpo ppo.samples_per_prompt=1",
+                                           "ppo.advantage=grpo compares the samples of a prompt: it needs "
+                                           "ppo.samples_per_prompt >= 2, got 1"),
+                                          ("ppo.advantage=rloo ppo.samples_per_prompt=1", "rloo compares the samples"),
                                           ("ppo.length_group=0", "must be >= 1")])
 def test_bad_rl_settings_are_refused_before_anything_starts(tmp_path, bad, message):
     from clinicalgpt.config import load_config
@@ -136,4 +191,4 @@ def test_bad_rl_settings_are_refused_before_anything_starts(tmp_path, bad, messa
     sft.mkdir(parents=True)
     (sft / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=message):
-        check_inputs(load_config([f"run_root={tmp_path}", "ppo.reward=length:8", bad]))
+        check_inputs(load_config([f"run_root={tmp_path}", "ppo.reward=length:8", *bad.split()]))

@@ -146,3 +146,21 @@ def test_serve_metrics_count_requests_errors_and_latency(endpoint):
     assert names <= set(samples), sorted(samples)
     assert counted(samples), {name: [(s.labels, s.value) for s in found] for name, found in samples.items()}
     assert total(samples, "ray_serve_deployment_queued_queries") == 0  # the queue depth: empty, all answered
+
+
+def test_an_adapter_is_served_merged_onto_its_base_by_a_ray_task(trained):
+    """serve.adapter: the SFT adapter merged onto the pretrained model (on the cluster, not in the driver)
+    gives the SFT model's weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from clinicalgpt.config import load_config
+    from clinicalgpt.serving import served_model
+    cfg, _ = trained
+    run = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", "serve.model=pretrain",
+                       f"serve.adapter={cfg.stage_dir('sft') / 'adapter'}"])
+    path = served_model(run)
+    assert Path(path) == run.stage_dir("serve") / "merged-adapter" and (Path(path) / "tokenizer.json").exists()
+    merged, sft = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (path, cfg.stage_dir("sft") / "final"))
+    assert merged.keys() == sft.keys()
+    for name in merged:
+        torch.testing.assert_close(merged[name], sft[name])

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray
 
+from actors.placement import role_actors
 from actors.reward import RewardActor
 
 from ..config import Config
-from ..experience import build_batch
+from ..experience import build_batch, split_batch
 from ..tokenizer import load_tokenizer, prompt_ids
 from .metrics import combine_verdicts
 
@@ -26,14 +27,16 @@ class RewardModelJudge:
             raise SystemExit(f"no reward model at {path} for eval.judge=reward_model: run jobs/rm.py first, "
                              "or use eval.judge=openai")
         self.cfg, self.tok = cfg, load_tokenizer(str(path), cfg.model.chat_template)
-        self.actor = RewardActor.options(num_cpus=0.5).remote("model", str(path), cfg.model.dtype, cfg.ppo.forward_rows)
+        self.actors, self.group = role_actors(RewardActor, cfg.eval.reward_model, "judge", lambda i: (
+            "model", str(path), cfg.model.dtype, cfg.ppo.forward_rows))
 
     def scores(self, rows: list[dict], replies: list[str]) -> np.ndarray:
         prompts = [prompt_ids(self.tok, r["messages"]) for r in rows]
         limit = self.cfg.seq.max_len
         answers = [self.tok(a + self.tok.eos_token, add_special_tokens=False)["input_ids"][:limit - len(p)]
                    for a, p in zip(replies, prompts)]
-        return ray.get(self.actor.score.remote(build_batch(prompts, answers, self.tok.pad_token_id)))
+        parts = split_batch(build_batch(prompts, answers, self.tok.pad_token_id), len(self.actors))
+        return np.concatenate(ray.get([actor.score.remote(part) for actor, part in zip(self.actors, parts)]))
 
     def verdicts(self, family: str, rows: list[dict], mine: list[str], theirs: list[str]) -> list[int]:
         """1 / 0 / -1 per item from `mine`'s side; the reward model judges every family alike."""
@@ -42,7 +45,9 @@ class RewardModelJudge:
         return [1 if g > margin else -1 if g < -margin else 0 for g in gap]
 
     def close(self):
-        ray.kill(self.actor)
+        for actor in self.actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(self.group)
 
 
 JUDGE_PROMPT = {

@@ -25,8 +25,7 @@ def evaluate(cfg: Config, paths: list[str]) -> dict:
     print(f"[eval] {len(names)} models x {', '.join(f'{f} {len(r)}' for f, r in items.items())} items "
           f"(too long, dropped: {skipped})", flush=True)
     # Models of the same architecture share the engines, each loading its weights in place.
-    engines = RolloutEngines(cfg.eval.rollout, "eval", cfg.seq.max_len, cfg.eval.seed, cfg.eval.rollout_memory_fraction,
-                             cfg.model.dtype)
+    engines = RolloutEngines(cfg.eval.rollout, cfg.eval.engine, "eval", cfg.seq.max_len, cfg.eval.seed, cfg.model.dtype)
     answers = {}
     try:
         for name, path in zip(names, paths):

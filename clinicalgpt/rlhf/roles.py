@@ -16,22 +16,8 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutActor, StaleWeights
 
 from ..config import Config
+from ..plan import check_engine, weight_sync_mode
 from ..tokenizer import load_tokenizer
-
-
-def weight_sync_mode(cfg: Config) -> str:
-    """ppo.weight_sync resolved: nccl needs whole GPUs for the rollout and learner roles."""
-    ppo = cfg.ppo
-    whole_gpus = ppo.rollout.gpus >= 1 and ppo.learner.gpus >= 1
-    if ppo.weight_sync == "auto":
-        return "nccl" if whole_gpus else "object_store"
-    if ppo.weight_sync not in ("object_store", "nccl"):
-        raise SystemExit(f"ppo.weight_sync={ppo.weight_sync!r}: one of auto, object_store, nccl")
-    if ppo.weight_sync == "nccl" and not whole_gpus:
-        raise SystemExit(f"ppo.weight_sync=nccl needs whole GPUs for the rollout and learner roles (ppo.rollout.gpus="
-                         f"{ppo.rollout.gpus:g}, ppo.learner.gpus={ppo.learner.gpus:g}): NCCL cannot join two processes "
-                         "on one GPU; colocated roles and CPUs use ppo.weight_sync=object_store")
-    return ppo.weight_sync
 
 
 class RolloutGroup:
@@ -145,8 +131,9 @@ def start_roles(cfg: Config, policy: str, reward_model: str, critic: str | None)
     ppo = cfg.ppo
     max_len = ppo.max_prompt_len + ppo.max_new_tokens
     sync = weight_sync_mode(cfg)
+    check_engine(ppo.engine, ppo.rollout.gpus, "ppo.rollout")
     rollout, g1 = role_actors(RolloutActor, ppo.rollout, "rollout", lambda i: (
-        policy, max_len, ppo.seed + i, ppo.rollout_memory_fraction, cfg.model.dtype, "nccl" if sync == "nccl" else ""),
+        policy, max_len, ppo.seed + i, ppo.engine, cfg.model.dtype, "nccl" if sync == "nccl" else ""),
         max_restarts=ppo.rollout_restarts)
     reference, g2 = role_actors(ReferenceActor, ppo.reference, "reference", lambda i: (
         policy, cfg.model.dtype, ppo.forward_rows))

@@ -15,29 +15,33 @@ from ..experience import build_batch, split_batch
 from .roles import Roles
 
 
-def sharded(actors: list, method: str, batch: dict) -> list:
-    """Call `method` on each actor with its row shard of the batch (ObjectRefs, in row order)."""
-    return [getattr(a, method).remote(s) for a, s in zip(actors, split_batch(batch, len(actors)))]
+def sharded(actors: list, method: str, batch: dict, *args) -> list:
+    """Call `method` on each actor with its row shard of the batch and args (ObjectRefs, in row order)."""
+    return [getattr(a, method).remote(s, *args) for a, s in zip(actors, split_batch(batch, len(actors)))]
 
 
-def generate(cfg: Config, roles: Roles, prompts: list[list[int]], n: int, seed: int, greedy: bool = False):
-    """Responses from the rollout engines: the batch and the engines' log-probs of the sampled tokens."""
+def generate(cfg: Config, roles: Roles, prompts: list[list[int]], n: int, seed: int, temperature: float):
+    """Responses from the rollout engines (temperature 0: greedy): the batch, the engines' log-probs of the
+    sampled tokens, and which responses the length limit cut (no EOS)."""
     ppo = cfg.ppo
-    samples = roles.rollout.generate(prompts, n, ppo.max_new_tokens, 0.0 if greedy else ppo.temperature, ppo.top_p,
-                                     seed)
+    samples = roles.rollout.generate(prompts, n, ppo.max_new_tokens, temperature, ppo.top_p, seed)
     batch = build_batch([p for p in prompts for _ in range(n)], [s["ids"] for s in samples], roles.pad_id)
     engine_logprobs = np.zeros_like(batch["response_mask"])
     for i, s in enumerate(samples):
         engine_logprobs[i, :len(s["logprobs"])] = s["logprobs"]
-    return batch, engine_logprobs
+    return batch, engine_logprobs, np.array([s["truncated"] for s in samples])
 
 
-def score(roles: Roles, batch: dict) -> dict[str, np.ndarray]:
-    """Reference log-probs, rewards, and the policy's log-probs and values, computed in parallel."""
-    ref = sharded(roles.reference, "logprobs", batch)
+def score(cfg: Config, roles: Roles, batch: dict, truncated: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
+    """Reference log-probs, rewards, and the policy's log-probs and values, computed in parallel. The log-probs
+    are taken at the temperature the tokens were sampled at (0: greedy, scored at 1); a response the length limit
+    cut scores ppo.truncated_score when that is set."""
+    ref = sharded(roles.reference, "logprobs", batch, temperature)
     rew = sharded(roles.reward, "score", batch)
-    own = ray.get(sharded(roles.learners.ranks, "logprobs_and_values", batch))
-    out = {"ref_logprobs": np.concatenate(ray.get(ref)), "scores": np.concatenate(ray.get(rew)),
+    own = ray.get(sharded(roles.learners.ranks, "logprobs_and_values", batch, temperature))
+    scores = rl.response_scores(torch.as_tensor(np.concatenate(ray.get(rew))), torch.as_tensor(truncated),
+                                cfg.ppo.truncated_score)
+    out = {"ref_logprobs": np.concatenate(ray.get(ref)), "scores": scores.numpy(),
            "old_logprobs": np.concatenate([o["logprobs"] for o in own])}
     if "values" in own[0]:
         out["old_values"] = np.concatenate([o["values"] for o in own])
@@ -51,8 +55,6 @@ def advantages(cfg: Config, scored: dict, mask: torch.Tensor, beta: float) -> di
     kl = rl.kl_per_token(t["old_logprobs"], t["ref_logprobs"], ppo.kl_estimator) * mask
     rewards = rl.token_rewards(t["scores"], kl, mask, beta)
     adv, returns = rl.ADVANTAGE_ESTIMATORS[ppo.advantage](rewards, t.get("old_values"), mask, ppo)
-    if ppo.whiten_advantages:
-        adv = rl.whiten(adv, mask)
     return {"kl": kl, "advantages": adv, "returns": returns}
 
 
@@ -60,13 +62,15 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
     """One iteration: generate, score, advantages, PPO epochs on the learners, weight push. Its metrics."""
     ppo = cfg.ppo
     t0 = time.time()
-    batch, engine_logprobs = generate(cfg, roles, prompts, ppo.samples_per_prompt, seed=(ppo.seed * 100003 + step) * 10007)
+    batch, engine_logprobs, truncated = generate(cfg, roles, prompts, ppo.samples_per_prompt,
+                                                 seed=(ppo.seed * 100003 + step) * 10007, temperature=ppo.temperature)
     t1 = time.time()
-    scored = score(roles, batch)
+    scored = score(cfg, roles, batch, truncated, ppo.temperature)
     mask = torch.as_tensor(batch["response_mask"])
     adv = advantages(cfg, scored, mask, beta)
     t2 = time.time()
-    experience = {**batch, "old_logprobs": scored["old_logprobs"], "advantages": adv["advantages"].numpy()}
+    experience = {**batch, "old_logprobs": scored["old_logprobs"], "engine_logprobs": engine_logprobs,
+                  "advantages": adv["advantages"].numpy()}
     if adv["returns"] is not None:
         experience.update(old_values=scored["old_values"], returns=adv["returns"].numpy())
     stats = ray.get([r.train.remote(s, step) for r, s in zip(roles.learners.ranks, split_batch(experience, ppo.learner.num))])
@@ -75,8 +79,10 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
     t4 = time.time()
     row = {"step": step + 1, "reward": float(scored["scores"].mean()), "reward_std": float(scored["scores"].std()),
            "kl": float(adv["kl"].sum(1).mean()), "beta": beta, "response_length": float(mask.sum(1).mean()),
+           "truncated_responses": float(truncated.mean()),  # cut at ppo.max_new_tokens (no EOS)
            **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]},
-           # The engine's log-probs against the learner's for the same tokens: near 0 unless the weights diverged.
+           # The engine's log-probs against the learner's for the same tokens: near 0 unless the weights diverged
+           # (bf16 rounding) or top_p < 1 renormalized the engine's over the nucleus.
            "engine_logprob_gap": float(rl.masked_mean((torch.as_tensor(engine_logprobs)
                                                        - torch.as_tensor(scored["old_logprobs"])).abs(), mask)),
            "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2, "sync_s": t4 - t3, "step_s": t4 - t0,
@@ -88,8 +94,8 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
 
 def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]]) -> dict[str, float]:
     """Greedy answers to held-out prompts: mean reward and KL to the reference (summed per response)."""
-    batch, _ = generate(cfg, roles, prompts, 1, cfg.ppo.seed, greedy=True)
-    scored = score(roles, batch)
+    batch, _, truncated = generate(cfg, roles, prompts, 1, cfg.ppo.seed, temperature=0.0)
+    scored = score(cfg, roles, batch, truncated, temperature=0.0)
     mask = torch.as_tensor(batch["response_mask"])
     # k3, not k1: greedy answers are not samples of the policy, and k1's sum over them can go negative.
     kl = rl.kl_per_token(torch.as_tensor(scored["old_logprobs"]), torch.as_tensor(scored["ref_logprobs"]), "k3")

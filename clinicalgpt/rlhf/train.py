@@ -31,6 +31,10 @@ def check_inputs(cfg: Config) -> tuple[str, str, str | None]:
                               ("advantage", rl.ADVANTAGE_ESTIMATORS)):
         if getattr(ppo, setting) not in registry:
             raise SystemExit(f"ppo.{setting}={getattr(ppo, setting)!r}: one of {', '.join(registry)}")
+    min_samples = rl.ADVANTAGE_ESTIMATORS[ppo.advantage].min_samples
+    if ppo.samples_per_prompt < min_samples:
+        raise SystemExit(f"ppo.advantage={ppo.advantage} compares the samples of a prompt: it needs "
+                         f"ppo.samples_per_prompt >= {min_samples}, got {ppo.samples_per_prompt}")
     policy, rm = cfg.stage_dir("sft") / "final", cfg.stage_dir("rm") / "final"
     if not (policy / "config.json").exists():
         raise SystemExit(f"no SFT model at {policy}: run the earlier stages first "

@@ -1,0 +1,95 @@
+"""The DeepSpeed engines as the training stages and the PPO learners build them, on CPU in this process (gloo,
+one rank): a LoRA checkpoint leaves the frozen base out and restores what training changed; gradient
+checkpointing gives the gradients of the plain backward pass."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from clinicalgpt.config import LoraSettings
+from clinicalgpt.trainer import (apply_lora, causal_lm_loss, enable_gradient_checkpointing, load_trained_state,
+                                 save_trained_state, zero2_config)
+from conftest import free_ports
+
+
+@pytest.fixture(scope="module")
+def deepspeed():
+    import deepspeed
+    import torch.distributed as dist
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield deepspeed
+    dist.destroy_process_group()
+
+
+def lora_model(seed: int) -> torch.nn.Module:
+    """The same base weights every time; the LoRA adapter's initial weights drawn from `seed`."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    base = AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(seed)
+    return apply_lora(base, LoraSettings(dropout=0.0))
+
+
+def engine(deepspeed, model: torch.nn.Module):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                  config=zero2_config(2, 1, 1e-2, 0.0, 1.0, False))
+    return ds
+
+
+def batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_a_lora_checkpoint_leaves_out_the_frozen_base_and_restores_the_trained_state(deepspeed, tmp_path: Path):
+    trained = engine(deepspeed, lora_model(seed=1))
+    for _ in range(3):
+        loss, _, _ = causal_lm_loss(trained, batch())
+        trained.backward(loss)
+        trained.step()
+    save_trained_state(trained, str(tmp_path))
+    saved = torch.load(tmp_path / "step" / "mp_rank_00_model_states.pt", weights_only=False)
+    trainable = {n for n, p in trained.module.named_parameters() if p.requires_grad}
+    assert set(saved["module"]) == trainable and all("lora_" in n for n in trainable)
+    assert not saved.get("frozen_param_fragments")  # ZeRO-2 would otherwise store the frozen base a second time
+
+    restored = engine(deepspeed, lora_model(seed=2))  # another adapter, the same base (as a restarted stage)
+    load_trained_state(restored, str(tmp_path))
+    before, after = trained.module.state_dict(), restored.module.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+    # The optimizer state came back too: the next step is the same on both.
+    for ds in (trained, restored):
+        loss, _, _ = causal_lm_loss(ds, batch())
+        ds.backward(loss)
+        ds.step()
+    for name, p in trained.module.named_parameters():
+        torch.testing.assert_close(dict(restored.module.named_parameters())[name], p, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_plain_gradients_of_a_lora_model():
+    grads = []
+    for checkpointing in (False, True):
+        model = lora_model(seed=1)
+        with torch.no_grad():  # a trained adapter: B starts at zero, which leaves A without a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        loss, _, _ = causal_lm_loss(model, batch())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys() and all(g is not None and g.abs().sum() > 0 for g in recomputed.values())
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name])
