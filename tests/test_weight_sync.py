@@ -46,7 +46,7 @@ def test_the_nccl_weight_source_sends_what_it_declares_and_what_the_object_store
     (["ppo.rollout.gpus=1", "ppo.learner.gpus=1"], "object_store", "object_store"),
 ])
 def test_weight_sync_resolves_to_what_the_roles_hardware_allows(roles, setting, expected):
-    from clinicalgpt.rlhf.roles import weight_sync_mode
+    from clinicalgpt.plan import weight_sync_mode
     assert weight_sync_mode(load_config([*roles, f"ppo.weight_sync={setting}"])) == expected
 
 
@@ -55,6 +55,6 @@ def test_weight_sync_resolves_to_what_the_roles_hardware_allows(roles, setting, 
     ([], "gloo", "one of auto, object_store, nccl"),
 ])
 def test_an_impossible_weight_sync_is_a_clear_error(roles, setting, message):
-    from clinicalgpt.rlhf.roles import weight_sync_mode
+    from clinicalgpt.plan import weight_sync_mode
     with pytest.raises(SystemExit, match=message):
         weight_sync_mode(load_config([*roles, f"ppo.weight_sync={setting}"]))
