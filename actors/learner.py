@@ -16,45 +16,24 @@ import torch
 from clinicalgpt import rl
 from clinicalgpt.config import Config
 from clinicalgpt.experience import by_length, length_grouped_minibatches, response_logprobs, take_rows, token_values
+from clinicalgpt.modeling import pushed_tensors, trained_weights
 from clinicalgpt.trainer import apply_lora, export_hf, load_trained_state, save_trained_state, zero2_config
-
-
-def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights training changes, under Hugging Face names: with LoRA, each adapted layer's weight
-    with its delta added (computed without touching the model: merging and unmerging in place would
-    drift in bf16), the frozen rest being what the rollout engines loaded at the start; without LoRA,
-    the whole state dict."""
-    if not hasattr(model, "get_base_model"):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    from peft.tuners.lora import LoraLayer
-    weights = {}
-    with torch.no_grad():
-        for name, module in model.get_base_model().named_modules():
-            if isinstance(module, LoraLayer):
-                base = module.get_base_layer().weight
-                weights[f"{name}.weight"] = base.detach().clone() + sum(
-                    module.get_delta_weight(a).to(base.dtype) for a in module.active_adapters)
-    return weights
 
 
 class PolicySource:
     """The policy's trained weights as vLLM's weight transfer reads them (its WeightSource protocol: what
     the broadcast will carry, then the tensors themselves): the same weights the object-store path sends,
-    on the learner's device."""
+    on the learner's device, merged one layer at a time as the broadcast goes."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.pending = None  # weights merged for metadata(), sent by the iteration that follows it
 
     def metadata(self) -> list:
-        # A send asks for metadata, then iterates: the LoRA merge is done once per send, not twice.
         from vllm.distributed.weight_transfer.base import ParamMeta
-        self.pending = trained_weights(self.model)
-        return [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in self.pending.items()]
+        return [ParamMeta(name, w.dtype, tuple(w.shape)) for name, w, _ in pushed_tensors(self.model)]
 
     def __iter__(self):
-        weights, self.pending = self.pending or trained_weights(self.model), None
-        return iter(weights.items())
+        return trained_weights(self.model)
 
 
 @ray.remote
@@ -148,8 +127,9 @@ class LearnerRank:
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The policy's trained weights, LoRA merged, for the rollout engines (every rank holds them whole
-        under ZeRO-2). With LoRA only the adapted layers travel: a fifth of the tiny model, under a third of a 7B."""
-        return {k: v.cpu() for k, v in trained_weights(self.policy.module).items()}
+        under ZeRO-2), each moved to host memory as soon as it is merged. With LoRA only the modules that hold
+        adapted layers travel (the presets' attention: a fifth of the tiny model, under a third of a 7B)."""
+        return {k: v.cpu() for k, v in trained_weights(self.policy.module)}
 
     def open_weight_transfer(self, index: int, engine) -> None:
         """Rank 0, ppo.weight_sync=nccl: an NCCL group with rollout engine `index` through vLLM's weight

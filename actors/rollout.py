@@ -8,11 +8,13 @@ Falls back to transformers generation, with a warning, only when vLLM is not ins
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import pickle
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -25,11 +27,31 @@ from clinicalgpt.plan import check_engine
 # vLLM pickles the weight-loading function to its engine process only when allowed.
 # Its INFO lines (dozens per engine start) would bury the job's progress lines.
 ROLLOUT_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+# A weight push enters vLLM's engine process this much at a time: each chunk is pickled, sent and unpickled,
+# so a 7B push (GBs) is never copied whole several times over in host memory.
+WEIGHT_CHUNK_BYTES = 512 * 2**20
 
 
 class StaleWeights(RuntimeError):
     """The engine does not hold the policy version the caller expects: it was restarted (a Ray actor
     rebuilt after a crash starts from its original weights). The caller pushes the current ones."""
+
+
+def weight_chunks(weights: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights in order, in chunks of at most max_bytes unless one module's weights are more, never
+    splitting a module (self_attn, mlp): vLLM fuses its q, k and v (gate and up) into one layer, which a
+    reload must set whole (clinicalgpt.modeling.pushed_tensors)."""
+    chunk, size = {}, 0
+    for _, group in itertools.groupby(weights.items(), key=lambda item: item[0].rsplit(".", 2)[0]):
+        group = dict(group)
+        nbytes = sum(t.numel() * t.element_size() for t in group.values())
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = {}, 0
+        chunk.update(group)
+        size += nbytes
+    if chunk:
+        yield chunk
 
 
 def _reload_weights(worker, blob: bytes) -> None:
@@ -148,7 +170,8 @@ class RolloutActor:
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int = 0) -> None:
         """Load policy weights `version` (Hugging Face names, LoRA already merged; a subset replaces just those)."""
         if self.uses_vllm:
-            self.llm.collective_rpc(_reload_weights, args=(pickle.dumps(state_dict),))
+            for chunk in weight_chunks(state_dict, WEIGHT_CHUNK_BYTES):
+                self.llm.collective_rpc(_reload_weights, args=(pickle.dumps(chunk),))
             self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
         else:
             self.model.load_state_dict(state_dict, strict=False)

@@ -1,6 +1,9 @@
-"""Models: build the tiny preset from a config, or load any Hugging Face causal LM."""
+"""Models: build the tiny preset from a config, load any Hugging Face causal LM, and the weights a PPO weight
+push carries from the LoRA-trained policy to the rollout engines."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -49,3 +52,35 @@ def load_model(path: str, dtype: str = "float32") -> torch.nn.Module:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def pushed_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, object]]:
+    """(Hugging Face name, current tensor, the LoRA layer whose delta it takes or None) of each tensor a weight
+    push carries. Without LoRA, the whole state dict. With LoRA, every parameter of each module that holds an
+    adapted layer (self_attn, mlp): vLLM fuses q, k and v (gate and up) into one layer, and an in-place reload
+    that sets only part of one leaves the rest uninitialized (NaN logits seen with LoRA on q_proj alone)."""
+    if not hasattr(model, "get_base_model"):
+        for name, weight in model.state_dict().items():
+            yield name, weight, None
+        return
+    from peft.tuners.lora import LoraLayer
+    base = model.get_base_model()
+    parents = dict.fromkeys(name.rpartition(".")[0] for name, m in base.named_modules() if isinstance(m, LoraLayer))
+    for parent in parents:
+        for child_name, child in base.get_submodule(parent).named_children():
+            lora = child if isinstance(child, LoraLayer) else None
+            for name, tensor in (lora.get_base_layer() if lora else child).named_parameters():
+                yield f"{parent}.{child_name}.{name}", tensor, lora if lora and name == "weight" else None
+
+
+def trained_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights a push carries (pushed_tensors), under Hugging Face names, one at a time (merging a 7B model's
+    adapted layers all at once would take GBs of GPU memory beside training): an adapted layer's weight with its
+    LoRA delta added (computed without touching the model: merging and unmerging in place would drift in bf16);
+    the rest as they are, the engines holding the frozen others since they started."""
+    with torch.no_grad():
+        for name, weight, lora in pushed_tensors(model):
+            if lora is None:
+                yield name, weight.detach()
+            else:
+                yield name, weight.detach() + sum(lora.get_delta_weight(a).to(weight.dtype) for a in lora.active_adapters)

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from . import rl
 from .config import Config, EngineConfig, LoraSettings, RoleConfig
+from .modeling import pushed_tensors
 from .reward_functions import parse_reward
 from .runtime import device_env
 from .trainer import ZERO_STAGE, apply_lora, scaling_config
@@ -152,9 +153,7 @@ class Model:
 
     def parameters(self, classifier: bool = False, lora: LoraSettings | None = None) -> dict[str, int]:
         """The causal LM's or the classifier's (reward model, critic) parameters: all, trainable (with the
-        LoRA adapter: its own) and adapted (the weights of the adapted layers, all without LoRA: what a
-        weight push carries)."""
-        from peft.tuners.lora import LoraLayer
+        LoRA adapter: its own) and pushed (what a PPO weight push carries: modeling.pushed_tensors)."""
         key = (classifier, repr(lora))
         if key not in self.counted:
             config = copy.deepcopy(self.config)
@@ -164,9 +163,8 @@ class Model:
                 if lora is not None:
                     model = apply_lora(model, lora, task_type="SEQ_CLS" if classifier else "CAUSAL_LM")
             total = sum(p.numel() for p in model.parameters())
-            adapted = [m.get_base_layer().weight.numel() for m in model.modules() if isinstance(m, LoraLayer)]
             self.counted[key] = {"all": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                 "adapted": sum(adapted) if adapted else total}
+                                 "pushed": sum(t.numel() for _, t, _ in pushed_tensors(model))}
         return self.counted[key]
 
     def kv_bytes_per_token(self, w: int) -> int:
@@ -310,7 +308,7 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
         why = place([(a.role, a.gpus) for a in actors if a.stage == stage for _ in range(a.count)], cluster)
         if why:
             problems.append(f"{stage} {why}")
-    push = model.parameters(False, cfg.ppo.lora)["adapted"] * DTYPE_BYTES[cfg.model.dtype] / GB
+    push = model.parameters(False, cfg.ppo.lora)["pushed"] * DTYPE_BYTES[cfg.model.dtype] / GB
     return Plan(cfg.preset, cfg.model.path or cfg.model_path, model.parameters()["all"], str(cluster),
                 cluster.gpu_memory_gb, actors, weight_sync_mode(cfg), round(push, 2), DRIVERS, problems)
 
@@ -354,7 +352,7 @@ class Plan:
     gpu_memory_gb: float
     actors: list[Actor]
     weight_sync: str
-    weight_push_gb: float  # what a PPO weight push carries (with LoRA: the adapted layers, merged)
+    weight_push_gb: float  # what a PPO weight push carries (with LoRA: the modules holding adapted layers)
     drivers: dict[str, str]
     problems: list[str]
 

@@ -19,6 +19,7 @@ import torch
 
 from .config import Config, TrainConfig
 from .kg_templates import render_qa
+from .modeling import DTYPES
 from .records import hash_fraction
 from .trainer import Task, apply_lora, export_hf
 
@@ -210,7 +211,8 @@ class RewardTask(Task):
 
     def build_model(self, cfg: Config, train_cfg: TrainConfig) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(self.source, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(self.source, num_labels=1,
+                                                                   dtype=DTYPES[cfg.model.dtype])
         model.config.pad_token_id = self.pad_id
         return apply_lora(model, train_cfg.lora, task_type="SEQ_CLS")
 
@@ -245,7 +247,6 @@ def pairwise_accuracy(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray
     which is what that model already knows: a factual-error pair it prefers at chance is a fact it does not
     hold. Loads both models: run_reward_stage runs it as a Ray task on the stage's worker resources."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from .modeling import DTYPES
     from .tokenizer import load_tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()

@@ -44,7 +44,7 @@ def test_bloom_7b_lora_sft_worker_by_hand():
     kv = (0.85 * 80 * GB - 7_069_016_064 * 2 - 2 * GB) / (2 * layers * h * 2)  # keys and values, every layer, bf16
     assert f"KV cache for {kv:,.0f} tokens" in rollout["note"] and kv > 64 * 1024  # the whole step at once
     assert result["weight_sync"] == "object_store"
-    assert result["weight_push_gb"] == round(layers * (h * 3 * h + h * h) * 2 / GB, 2)  # the adapted layers
+    assert result["weight_push_gb"] == round(layers * (h * 3 * h + h * h + 3 * h + h) * 2 / GB, 2)  # attention: weights, biases
 
 
 def test_qwen_parameters_from_the_shape_match_a_model_built_from_the_same_config(tmp_path):

@@ -113,8 +113,9 @@ def grpo_roles(trained, request):
     from clinicalgpt.rlhf.prompts import PromptStream
     from clinicalgpt.rlhf.roles import start_roles
     cfg, _ = trained
+    # LoRA on part of a layer vLLM fuses (q of qkv, gate of gate_up): a push must still set those layers whole.
     cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL_PPO, "ppo.advantage=grpo",
-                       *request.param])
+                       "ppo.lora.targets=[q_proj,gate_proj]", *request.param])
     policy = str(cfg.stage_dir("sft") / "final")
     roles = start_roles(cfg, policy, policy, critic=None)
     stream = PromptStream(cfg)

@@ -6,16 +6,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from actors.learner import PolicySource, trained_weights
+from actors.learner import PolicySource
+from actors.rollout import weight_chunks
 from clinicalgpt.config import LoraSettings, load_config
+from clinicalgpt.modeling import trained_weights
 from clinicalgpt.trainer import apply_lora
 
 
-def lora_policy() -> torch.nn.Module:
+def lora_policy(targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> torch.nn.Module:
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
-    model = apply_lora(AutoModelForCausalLM.from_config(config), LoraSettings())
+    model = apply_lora(AutoModelForCausalLM.from_config(config), LoraSettings(targets=list(targets)))
     with torch.no_grad():  # a trained adapter: B starts at zero, which would make every delta vanish
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -29,12 +31,38 @@ def test_the_nccl_weight_source_sends_what_it_declares_and_what_the_object_store
     source = PolicySource(model)
     # vLLM's own check on the sender: it raises when iteration disagrees with the declared metadata.
     sent = dict(NCCLTrainerWeightTransferEngine._checked_iter(source, source.metadata()))
-    expected = trained_weights(model)
-    assert list(sent) == list(expected) and len(sent) == 2 * 4  # q, k, v, o of both layers, HF names
+    expected = dict(trained_weights(model))
+    # q, k, v, o weights and q, k, v biases of both layers, HF names
+    assert list(sent) == list(expected) and len(sent) == 2 * 7
     assert all(torch.equal(sent[k], expected[k]) for k in sent)
     base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"], base)  # LoRA merged in
     assert [name for name, _ in source] == list(sent)  # every send iterates it afresh
+
+
+def test_a_push_carries_whole_fused_layers_when_lora_adapts_part_of_one():
+    # vLLM loads q, k and v into one qkv layer (gate and up into one): a reload of q_proj alone left k and v
+    # uninitialized (NaN logits). The push carries the adapted modules' siblings, unchanged, with them.
+    model = lora_policy(("q_proj", "gate_proj"))
+    sent = dict(trained_weights(model))
+    layer = model.get_base_model().model.layers[0]
+    assert {k for k in sent if k.startswith("model.layers.0.")} == {
+        f"model.layers.0.self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias") if (p, t) != ("o", "bias")
+    } | {f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert torch.equal(sent["model.layers.0.self_attn.k_proj.weight"], layer.self_attn.k_proj.weight)
+    assert torch.equal(sent["model.layers.0.self_attn.q_proj.bias"], layer.self_attn.q_proj.base_layer.bias)
+    assert not torch.equal(sent["model.layers.0.mlp.gate_proj.weight"], layer.mlp.gate_proj.base_layer.weight)
+
+
+def test_a_push_enters_the_engine_in_chunks_that_never_split_a_module():
+    sent = dict(trained_weights(lora_policy(("q_proj", "gate_proj"))))
+    module_bytes = {m: sum(t.numel() * 4 for k, t in sent.items() if k.startswith(m + "."))
+                    for m in ("model.layers.0.self_attn", "model.layers.0.mlp")}
+    chunks = list(weight_chunks(sent, max_bytes=module_bytes["model.layers.0.self_attn"] + 100))
+    assert [list(c) for c in chunks] == [[k for k in sent if k.startswith(m)] for m in (
+        "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp")]
+    assert [list(c) for c in weight_chunks(sent, max_bytes=10**9)] == [list(sent)]  # all in one when it fits
+    assert module_bytes["model.layers.0.mlp"] > module_bytes["model.layers.0.self_attn"] + 100  # one over the cap
 
 
 @pytest.mark.parametrize("roles, setting, expected", [
