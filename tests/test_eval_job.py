@@ -43,15 +43,21 @@ def test_eval_compares_models_on_every_family_and_writes_the_report(trained, tmp
         assert rates["items"] == results["items"][family]
         assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(1)
     assert sum(results["items"].values()) + sum(results["skipped_long"].values()) == sum(ITEMS.values())
+    for model in ("pretrain", "sft"):  # every family's output health; an exam answer complies when a letter is found
+        health = results["health"][model]
+        assert set(health) == set(results["items"]) and all(0 <= v <= 1 for h in health.values() for v in h.values())
+        assert health["exam"]["compliant"] == pytest.approx(1 - fam["exam"][model]["no_answer"])
+        assert "compliant" in health["diagnosis"] and "compliant" not in health["qa"]
 
     items = json.loads((out / "items.json").read_text())
     assert len(items) == sum(results["items"].values())
     exam_item = next(i for i in items if i["family"] == "exam")
     assert set(exam_item["outputs"]) == {"pretrain", "sft"} and "correct" in exam_item["scores"]["sft"]
     report = (out / "report.md").read_text()
-    for title in ("Medical conversation", "Medical exam", "Diagnosis", "Medical QA, judged", "Safety, judged"):
+    for title in ("Medical conversation", "Medical exam", "Diagnosis", "Medical QA, judged", "Safety, judged",
+                  "Output health"):
         assert title in report
-    for chart in ("conversation", "exam", "diagnosis", "qa", "safety"):
+    for chart in ("conversation", "exam", "diagnosis", "qa", "safety", "health"):
         assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The SFT model answered on the pretrained model's engine with its own weights loaded in place: its

@@ -42,10 +42,11 @@ def drop_long(cfg: Config, items: dict[str, list[dict]], tokenizers: list) -> di
     return skipped
 
 
-def answer_all(cfg: Config, name: str, path: str, engines: list, items: dict[str, list[dict]]) -> dict[str, list[str]]:
-    """One model's greedy answers to every family's items (and exam option log-probs) from its engines."""
+def answer_all(cfg: Config, name: str, path: str, engines: list, items: dict[str, list[dict]]) -> dict:
+    """One model's greedy answers to every family's items from its engines: family -> the answers; "truncated":
+    family -> whether the token limit cut each answer; "exam_likelihood": the exam option each finds likeliest."""
     tok = load_tokenizer(path, cfg.model.chat_template)
-    answers = {}
+    answers = {"truncated": {}}
     for family, rows in items.items():
         started = time.time()
         prompts = [prompt_ids(tok, r["messages"]) for r in rows]
@@ -54,6 +55,7 @@ def answer_all(cfg: Config, name: str, path: str, engines: list, items: dict[str
                                   logprobs=False) for a, c in zip(engines, chunks) if len(c)]
         samples = [s for part in ray.get(refs) for s in part]
         answers[family] = tok.batch_decode([s["ids"] for s in samples], skip_special_tokens=True)
+        answers["truncated"][family] = [s["truncated"] for s in samples]
         seconds = time.time() - started
         print(f"[eval] {name}: {family} {len(rows)} items in {seconds:.1f}s ({len(rows) / seconds:.1f} items/s)",
               flush=True)

@@ -1,5 +1,6 @@
 """The clinical evaluation's metrics: conversation metrics on Chinese characters, exam answer extraction
-and categories, diagnosis matching with knowledge-graph synonyms, and the pairwise judges' verdicts.
+and categories, diagnosis matching with knowledge-graph synonyms, the pairwise judges' verdicts, and the
+health of the answers themselves (empty, cut off, repeating).
 
 Metrics come from well-kept libraries configured for Chinese: every text is split into characters
 (whitespace dropped) and handed over as space-separated tokens, so that BLEU (sacrebleu), GLEU (nltk)
@@ -202,3 +203,45 @@ def combine_verdicts(first: int, swapped: int) -> int:
 def win_rates(verdicts: list[int]) -> dict[str, float]:
     n = max(1, len(verdicts))
     return {name: sum(v == k for v in verdicts) / n for k, name in VERDICT.items()} | {"items": len(verdicts)}
+
+
+# --- output health ------------------------------------------------------------------------------
+
+REPEAT_N = 4  # characters per n-gram in the repetition share: a short Chinese phrase
+DEGENERATE_REPEAT = 0.5  # an answer whose n-grams repeat more than this is one phrase over and over
+
+
+def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    chars = char_tokens(text)
+    return [tuple(chars[i:i + n]) for i in range(len(chars) - n + 1)]
+
+
+def repeated_share(text: str, n: int = REPEAT_N) -> float:
+    """The share of a text's character n-grams (whitespace dropped) that repeat an n-gram before them: 0 when
+    none does; 7/12 for "小儿治疗、" three times (12 4-grams, 5 of them distinct)."""
+    grams = _ngrams(text, n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """distinct-n (Li et al. 2016): the distinct character n-grams of all the texts over their number."""
+    grams = [g for t in texts for g in _ngrams(t, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def output_health(answers: list[str], truncated: list[bool] | None = None,
+                  compliant: list[bool] | None = None) -> dict[str, float]:
+    """Whether a model's answers are answers at all, as shares of the answers: empty (or whitespace only),
+    truncated (cut at the token limit without an EOS, when known), degenerate (empty, or repeating more than
+    DEGENERATE_REPEAT of its n-grams); the mean repeated n-gram share; distinct-1 and -2 over all answers; and
+    compliant, the share in the format the family asks for (when given: an exam letter, a named disease)."""
+    n = max(1, len(answers))
+    repeats = [repeated_share(a) for a in answers]
+    health = {"empty": sum(not a.strip() for a in answers) / n,
+              "degenerate": sum(not a.strip() or r > DEGENERATE_REPEAT for a, r in zip(answers, repeats)) / n,
+              "repeated": sum(repeats) / n, "distinct1": distinct_n(answers, 1), "distinct2": distinct_n(answers, 2)}
+    if truncated is not None:
+        health["truncated"] = sum(truncated) / n
+    if compliant is not None:
+        health["compliant"] = sum(compliant) / n
+    return health

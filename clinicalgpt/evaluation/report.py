@@ -1,5 +1,5 @@
 """The evaluation's outputs for people: the Markdown report (models as rows, as the paper's tables) and one PNG
-chart per family."""
+chart per family, and one of the answers' health."""
 
 from __future__ import annotations
 
@@ -44,7 +44,18 @@ def markdown_report(results: dict) -> str:
             lines += [f"## {title}: win / tie / lose", ""]
             lines += _table(["comparison", "win", "tie", "lose", "items"],
                             [[k, v["win"], v["tie"], v["lose"], v["items"]] for k, v in fam[family].items()]) + [""]
+    if "health" in results:
+        lines += ["## Output health: shares of the answers", "",
+                  "empty: nothing but whitespace; truncated: cut at the token limit; degenerate: empty, or over half "
+                  "its character 4-grams repeated; repeated: the mean share of repeated 4-grams; distinct-1/2 over "
+                  "all answers; compliant: in the family's format (an exam letter, a named disease).", ""]
+        lines += _table(["family", "model", *HEALTH_KEYS],
+                        [[family, n] + [results["health"][n][family].get(k, "-") for k in HEALTH_KEYS]
+                         for family in results["items"] for n in names]) + [""]
     return "\n".join(lines)
+
+
+HEALTH_KEYS = ["empty", "truncated", "degenerate", "repeated", "distinct1", "distinct2", "compliant"]
 
 
 def draw_charts(results: dict, out: Path) -> None:
@@ -83,6 +94,10 @@ def draw_charts(results: dict, out: Path) -> None:
         grouped("Diagnosis accuracy per disease group", groups + ["average"],
                 {n: [fam["diagnosis"][n]["per_group"].get(g, {}).get("accuracy", 0) for g in groups]
                  + [fam["diagnosis"][n]["average"]] for n in names}, "diagnosis.png")
+    if "health" in results:
+        shares = ("empty", "truncated", "degenerate")
+        grouped("Output health: share of answers", [f"{f} {k}" for f in results["items"] for k in shares],
+                {n: [results["health"][n][f][k] for f in results["items"] for k in shares] for n in names}, "health.png")
     for family in ("qa", "safety"):
         if family in fam:
             comparisons = list(fam[family])

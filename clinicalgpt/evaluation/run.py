@@ -11,7 +11,7 @@ from ..config import Config
 from ..tokenizer import load_tokenizer
 from .items import answer_all, drop_long, load_items
 from .report import draw_charts, markdown_report
-from .scoring import score_families
+from .scoring import score_families, score_health
 
 
 def evaluate(cfg: Config, paths: list[str]) -> dict:
@@ -35,7 +35,8 @@ def evaluate(cfg: Config, paths: list[str]) -> dict:
 
     families, scores = score_families(cfg, names, items, answers)
     results = {"models": names, "paths": paths, "items": {f: len(r) for f, r in items.items()},
-               "skipped_long": skipped, "families": families, "seconds": round(time.time() - started, 1)}
+               "skipped_long": skipped, "families": families, "health": score_health(cfg, names, items, answers),
+               "seconds": round(time.time() - started, 1)}
     records = []
     for family, rows in items.items():
         for i, r in enumerate(rows):

@@ -1,5 +1,6 @@
 """The models' answers scored per family: conversation metrics, exam and diagnosis accuracy (overall and per
-category or disease group), and the judged families' win / tie / lose rates of the last model against each other."""
+category or disease group), the judged families' win / tie / lose rates of the last model against each other, and
+every family's output health."""
 
 from __future__ import annotations
 
@@ -88,3 +89,20 @@ def score_families(cfg: Config, names: list[str], items: dict[str, list[dict]],
     if judge is not None:
         judge.close()
     return results, scores
+
+
+def score_health(cfg: Config, names: list[str], items: dict[str, list[dict]], answers: dict) -> dict:
+    """model -> family -> metrics.output_health of its answers; compliance where a family asks for a format:
+    an exam answer names an option letter, a diagnosis answer names a disease of the knowledge graphs."""
+    kg_files = [cfg.data_root / s.path for s in cfg.data.sources if s.kind.startswith("kg_")]
+    diseases = metrics.ExamCategorizer.from_kg(kg_files, cfg.eval.exam_labels) if "diagnosis" in items else None
+    health = {}
+    for name in names:
+        health[name] = {}
+        for family, rows in items.items():
+            replies = answers[name][family]
+            compliant = ([metrics.extract_answer(a, r["meta"]["options"]) != "" for a, r in zip(replies, rows)]
+                         if family == "exam" else [bool(diseases.diseases_in(a)) for a in replies]
+                         if family == "diagnosis" else None)
+            health[name][family] = metrics.output_health(replies, answers[name]["truncated"][family], compliant)
+    return health
