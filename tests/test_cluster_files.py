@@ -67,6 +67,15 @@ def test_prometheus_discovers_ray_nodes_from_rays_file():
     assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
 
 
+def test_the_alert_rules_load_with_prometheus_config_and_watch_exported_metrics():
+    from clinicalgpt.rlhf.log import METRICS as PPO_METRICS
+    config = load("monitoring/prometheus.yml")
+    rules = [r for f in config["rule_files"] for g in load(f"monitoring/{f}")["groups"] for r in g["rules"]]
+    watched = {name for r in rules for name in re.findall(r"\bray_[a-z_]+", r["expr"])}
+    assert {r["alert"] for r in rules} == {"PPOOutputsCollapsing"}
+    assert watched == {"ray_clinicalgpt_ppo_health_alarm"} and "health_alarm" in PPO_METRICS
+
+
 def test_the_grafana_dashboard_plots_only_metrics_the_project_exports():
     """Every series it queries is one the training stages, PPO, Ray Data or Serve export (the scrape
     tests in test_training.py, test_ppo.py and test_serve.py read those from a live cluster)."""

@@ -132,18 +132,3 @@ def test_openai_judge_asks_twice_with_the_answers_swapped():
         judge.close()
     finally:
         server.shutdown()
-
-
-def test_output_health_by_hand():
-    # "小儿治疗、" three times: 15 characters, 12 4-grams, 5 of them distinct -> 7/12 repeated, degenerate (> 0.5).
-    assert metrics.repeated_share("小儿治疗、小儿治疗、小儿治疗、") == pytest.approx(7 / 12)
-    assert metrics.repeated_share("头痛三天") == 0.0 and metrics.repeated_share("头痛") == 0.0  # too short: none
-    # distinct-1 over "发热发" and "热": characters 发 热 发 热, 2 distinct of 4; distinct-2: 发热 热发 (2 of 2).
-    assert metrics.distinct_n(["发热发", "热"], 1) == 0.5 and metrics.distinct_n(["发热发", "热"], 2) == 1.0
-    answers = ["小儿治疗、小儿治疗、小儿治疗、", " \n", "答案：B。支气管哮喘", "头痛三天"]
-    h = metrics.output_health(answers, truncated=[True, False, False, True], compliant=[False, False, True, False])
-    assert h["empty"] == 0.25 and h["degenerate"] == 0.5 and h["truncated"] == 0.5 and h["compliant"] == 0.25
-    assert h["repeated"] == pytest.approx((7 / 12) / 4)  # the others repeat none of their 4-grams
-    chars = "小儿治疗、" * 3 + "答案：B。支气管哮喘" + "头痛三天"  # whitespace dropped
-    assert h["distinct1"] == pytest.approx(len(set(chars)) / len(chars))
-    assert set(metrics.output_health(["x"])) == {"empty", "degenerate", "repeated", "distinct1", "distinct2"}

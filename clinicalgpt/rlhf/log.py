@@ -13,8 +13,17 @@ from ..config import Config
 from ..lineage import read_history
 
 # Exported to Prometheus as ray_clinicalgpt_ppo_<name>.
-METRICS = ("reward", "kl", "eval_reward", "samples_per_s", "generate_s", "score_s", "train_s", "sync_s", "step_s",
-           "step")
+METRICS = ("reward", "kl", "eval_reward", "eval_degenerate", "eval_truncated", "health_alarm", "samples_per_s",
+           "generate_s", "score_s", "train_s", "sync_s", "step_s", "step")
+# How far a held-out answer share may rise above the SFT policy's (PPO's step 0) before the run warns that the
+# policy's outputs are collapsing (monitoring/alerts.yml fires on the same count).
+HEALTH_LIMITS = {"eval_empty": 0.1, "eval_degenerate": 0.2, "eval_truncated": 0.3}
+
+
+def health_warnings(row: dict, sft: dict) -> list[str]:
+    """What in a held-out evaluation row is past HEALTH_LIMITS relative to the SFT policy's row."""
+    return [f"{k[5:]} answers {sft[k]:.2f} -> {row[k]:.2f}" for k, limit in HEALTH_LIMITS.items()
+            if k in row and k in sft and row[k] - sft[k] > limit]
 
 
 class Log:
@@ -28,9 +37,19 @@ class Log:
         self.tensorboard = SummaryWriter(str(out / "tensorboard"))
         self.gauges = {k: Gauge(f"clinicalgpt_ppo_{k}", description=f"PPO {k}") for k in METRICS}
         self.first_step = None
+        # The SFT policy's held-out health (step 0), for the warnings; a resumed run reads it back.
+        self.sft = next((r for r in read_history(out / "history.jsonl") if r["step"] == 0), None)
 
     def write(self, row: dict) -> None:
         step = row["step"]
+        if step == 0:
+            self.sft = row
+        elif "eval_reward" in row and self.sft is not None:
+            warnings = health_warnings(row, self.sft)
+            row["health_alarm"] = len(warnings)
+            if warnings:
+                print(f"[ppo] WARNING step {step}: the held-out answers are degrading against the SFT policy's: "
+                      f"{'; '.join(warnings)} (limits: rises of {HEALTH_LIMITS}); see docs/ppo.md", flush=True)
         self.history.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step":

@@ -99,7 +99,11 @@ class Roles:
     reward: list
     learners: LearnerGroup
     groups: list  # their placement groups
-    pad_id: int
+    tokenizer: object  # the policy's: pads batches, decodes the held-out answers
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
     @property
     def actors(self) -> list:
@@ -144,4 +148,4 @@ def start_roles(cfg: Config, policy: str, reward_model: str, critic: str | None)
     engines = RolloutGroup(rollout, learners.ranks[0], sync)
     if sync == "nccl":
         engines.open_transfers()
-    return Roles(engines, reference, reward, learners, [g1, g2, g3, learners.group], load_tokenizer(policy).pad_token_id)
+    return Roles(engines, reference, reward, learners, [g1, g2, g3, learners.group], load_tokenizer(policy))

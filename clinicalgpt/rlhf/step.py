@@ -11,6 +11,7 @@ import torch
 
 from .. import rl
 from ..config import Config
+from ..evaluation.metrics import output_health
 from ..experience import build_batch, split_batch
 from .roles import Roles
 
@@ -93,11 +94,16 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
 
 
 def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]]) -> dict[str, float]:
-    """Greedy answers to held-out prompts: mean reward and KL to the reference (summed per response)."""
+    """Greedy answers to held-out prompts: mean reward, KL to the reference (summed per response), and the
+    answers' output health (evaluation.metrics.output_health, as eval_<name>)."""
     batch, _, truncated = generate(cfg, roles, prompts, 1, cfg.ppo.seed, temperature=0.0)
+    P = batch["prompt_len"]
+    texts = roles.tokenizer.batch_decode([ids[P:P + int(n)] for ids, n in zip(batch["input_ids"], batch["response_mask"].sum(1))],
+                                         skip_special_tokens=True)
+    health = output_health(texts, truncated.tolist())
     scored = score(cfg, roles, batch, truncated, temperature=0.0)
     mask = torch.as_tensor(batch["response_mask"])
     # k3, not k1: greedy answers are not samples of the policy, and k1's sum over them can go negative.
     kl = rl.kl_per_token(torch.as_tensor(scored["old_logprobs"]), torch.as_tensor(scored["ref_logprobs"]), "k3")
     return {"eval_reward": float(scored["scores"].mean()), "eval_kl": float((kl * mask).sum(1).mean()),
-            "eval_response_length": float(mask.sum(1).mean())}
+            "eval_response_length": float(mask.sum(1).mean()), **{f"eval_{k}": v for k, v in health.items()}}
