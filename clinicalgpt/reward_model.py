@@ -239,6 +239,18 @@ def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int,
     return (logp * batch["response_mask"]).sum(1) / batch["response_mask"].sum(1)
 
 
+def length_bias(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
+    """A reward model's length bias from (score, reply length) rows of each pair's chosen and rejected reply:
+    the Pearson correlation of score and length over every reply, and the share of pairs of unequal length
+    whose longer reply it scores higher (0.5 when no pair differs)."""
+    both = np.concatenate([chosen, rejected])
+    longer_first = np.sign(chosen[:, 1] - rejected[:, 1])
+    unequal = longer_first != 0
+    higher = (chosen[:, 0] > rejected[:, 0]) == (longer_first > 0)
+    return {"score_length_correlation": float(np.corrcoef(both[:, 0], both[:, 1])[0, 1]),
+            "prefers_longer": float(higher[unequal].mean()) if unequal.any() else 0.5}
+
+
 def pairwise_accuracy(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray], dtype: str,
                       batch_size: int = 32) -> dict:
     """Held-out pairwise accuracy of tokenized pairs, overall and per source (the chosen reply must score
@@ -253,6 +265,7 @@ def pairwise_accuracy(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype]).to(device).eval()
     pad = load_tokenizer(model_dir).pad_token_id
     per_source = defaultdict(lambda: ([], [], []))  # source -> (model correct, longer reply, base model's preference)
+    chosen, rejected = [], []  # (score, reply tokens) of each pair's replies
     # Scored in order of length, so that a batch holds pairs of about one length and scores() trims most padding.
     lengths = np.maximum((pairs["chosen_ids"] != pad).sum(1), (pairs["rejected_ids"] != pad).sum(1))
     order = np.argsort(lengths, kind="stable")
@@ -268,12 +281,15 @@ def pairwise_accuracy(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray
             reply_lens = np.concatenate([batch["chosen_reply_len"], batch["rejected_reply_len"]])
             liked = reply_likelihood(base, both, reply_lens, pad, device)
             likes = (np.sign(liked[:n] - liked[n:]) + 1) / 2
+            chosen += zip(r[:n].tolist(), reply_lens[:n].tolist())
+            rejected += zip(r[n:].tolist(), reply_lens[n:].tolist())
             for i, (source, ok) in enumerate(zip(batch["source"], (r[:n] > r[n:]).tolist())):
                 for column, value in zip(per_source[source], (ok, longer[i].item(), float(likes[i]))):
                     column.append(value)
     everything = [sum((v[i] for v in per_source.values()), []) for i in (0, 1, 2)]
     return {"overall": float(np.mean(everything[0])), "length_baseline": float(np.mean(everything[1])),
             "base_likelihood": float(np.mean(everything[2])), "pairs": len(everything[0]),
+            **length_bias(np.array(chosen), np.array(rejected)),
             "per_source": {s: {"accuracy": float(np.mean(ok)), "length_baseline": float(np.mean(longer)),
                                "base_likelihood": float(np.mean(likes)), "pairs": len(ok)}
                            for s, (ok, longer, likes) in sorted(per_source.items())}}
@@ -289,7 +305,11 @@ def accuracy_table(accuracy: dict, trained_on: Counter) -> list[str]:
     lines += [f"| {s} | {v['train_pairs']} | {v['pairs']} | {v['accuracy']:.3f} | {v['length_baseline']:.3f} | "
               f"{v['base_likelihood']:.3f} |" for s, v in accuracy["per_source"].items()]
     lines += [f"| **overall** | {sum(trained_on.values())} | {accuracy['pairs']} | **{accuracy['overall']:.3f}** | "
-              f"{accuracy['length_baseline']:.3f} | {accuracy['base_likelihood']:.3f} |"]
+              f"{accuracy['length_baseline']:.3f} | {accuracy['base_likelihood']:.3f} |", "",
+              f"Length bias: the score's correlation with the reply's length (tokens, every held-out reply) "
+              f"{accuracy['score_length_correlation']:.3f}; the longer reply of a pair scores higher in "
+              f"{accuracy['prefers_longer']:.1%} of the pairs, and is the chosen one in "
+              f"{accuracy['length_baseline']:.1%} (ties count half)."]
     return lines
 
 

@@ -266,6 +266,10 @@ class Page:
                              num(v.get("length_baseline")), num(v.get("base_likelihood"))])
             self.add(*table(["source", "held-out pairs", "training pairs", "accuracy", "longer reply",
                              "SFT likelihood"], rows))
+            if "prefers_longer" in a:
+                self.add(f"Length bias: score-length correlation {num(a['score_length_correlation'])} over every "
+                         f"held-out reply; the longer reply of a pair scores higher in {num(a['prefers_longer'])} "
+                         "of the pairs.", "")
         self.provenance("rm")
 
     def ppo(self) -> None:
@@ -330,6 +334,13 @@ class Page:
                         for pair, v in fam[family].items()]
                 self.add(f"**{'QA' if family == 'qa' else 'Safety'}** (judge: {judge})", "",
                          *table(["comparison", "win", "tie", "lose", "items"], rows))
+        health = r.get("health") or {}
+        if health:
+            keys = ["empty", "truncated", "degenerate", "repeated", "distinct2", "compliant"]
+            rows = [[family, f"`{m}`", *(num(health[m][family].get(k), 2) for k in keys)]
+                    for family in items for m in models if family in health.get(m, {})]
+            self.add("**Output health** (shares of the answers; degenerate: empty or over half its 4-grams repeated; "
+                     "compliant: an exam letter, a named disease)", "", *table(["family", "model", *keys], rows))
         self.provenance("eval")
 
     def render(self) -> str:

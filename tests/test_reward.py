@@ -147,3 +147,16 @@ def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
     widths = (grouped["chosen_ids"] != 0).sum(1).reshape(4, 8)
     assert all(len(set(w)) == 1 for w in widths)  # each micro-batch is of one length: no padding to trim
     assert sorted(widths[:, 0]) == [5, 5, 200, 200]
+
+
+def test_length_bias_is_the_score_length_correlation_and_how_often_the_longer_reply_scores_higher():
+    # (score, reply tokens): pair 1 the longer reply (chosen) scores higher, pair 2 the longer (rejected) scores
+    # lower, pair 3 equal lengths (left out of the share): prefers_longer 1/2.
+    chosen = np.array([[2.0, 10], [1.0, 4], [0.0, 6]])
+    rejected = np.array([[1.0, 5], [0.5, 8], [0.5, 6]])
+    bias = reward_model.length_bias(chosen, rejected)
+    assert bias["prefers_longer"] == 0.5
+    # scores 2 1 0 1 0.5 0.5 (mean 5/6), lengths 10 4 6 5 8 6 (mean 6.5): sum dx dy = 7/6*3.5 + 1/6*-2.5
+    # + -5/6*-0.5 + 1/6*-1.5 + -1/3*1.5 + -1/3*-0.5 = 3.5; sum dx^2 = 7/3, sum dy^2 = 23.5.
+    assert bias["score_length_correlation"] == pytest.approx(3.5 / (7 / 3 * 23.5) ** 0.5)
+    assert reward_model.length_bias(chosen[2:], rejected[2:])["prefers_longer"] == 0.5  # no unequal pair

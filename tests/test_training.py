@@ -47,6 +47,8 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     assert all(0 <= row["base_likelihood"] <= 1 for row in accuracy["per_source"].values())
     table = (cfg.stage_dir("rm") / "accuracy.md").read_text()
     assert "| longer-reply baseline | SFT likelihood baseline |" in table
+    assert -1 <= accuracy["score_length_correlation"] <= 1 and 0 <= accuracy["prefers_longer"] <= 1
+    assert "Length bias: the score's correlation with the reply's length" in table
     scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
 
