@@ -193,6 +193,9 @@ class PPOConfig:
     # The score of a response cut at max_new_tokens (no EOS) in place of the reward's, e.g. -1 so that
     # unfinished answers lose; None: scored like any other.
     truncated_score: float | None = None
+    # Subtracted from the score times the response's share of max_new_tokens: pays back a reward model that
+    # favours long answers (its length bias: rm/accuracy.json); 0 = off.
+    length_penalty: float = 0.0
     advantage: str = "gae"  # gae (with a critic) | grpo | rloo (critic-free, over the samples of a prompt)
     gamma: float = 1.0
     lam: float = 0.95

@@ -52,9 +52,14 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, bet
     return rewards
 
 
-def response_scores(scores: torch.Tensor, truncated: torch.Tensor, truncated_score: float | None) -> torch.Tensor:
-    """The reward of each response: its score, or truncated_score (when not None) for a response the length
-    limit cut (no EOS): an unfinished answer gets a fixed score, whatever its text."""
+def response_scores(scores: torch.Tensor, truncated: torch.Tensor, truncated_score: float | None,
+                    lengths: torch.Tensor | None = None, length_penalty: float = 0.0, max_new_tokens: int = 1
+                    ) -> torch.Tensor:
+    """The reward of each response: its score less length_penalty x its share of the token limit (lengths /
+    max_new_tokens; a counterweight to a reward model that favours long answers), or truncated_score (when not
+    None) for a response the length limit cut (no EOS): an unfinished answer gets a fixed score, whatever its text."""
+    if length_penalty:
+        scores = scores - length_penalty * lengths.to(scores.dtype) / max_new_tokens
     if truncated_score is None:
         return scores
     return torch.where(truncated, torch.as_tensor(truncated_score, dtype=scores.dtype), scores)

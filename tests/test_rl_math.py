@@ -114,6 +114,15 @@ def test_a_truncated_response_scores_the_set_score():
     close(rewards, [[-0.1, -0.1 + 0.7], [-0.1 - 1.0, 0.0], [-0.1, -0.1 - 1.0]])
 
 
+
+def test_the_length_penalty_takes_the_responses_share_of_the_token_limit():
+    scores, truncated, lengths = T([0.7, -0.2, 1.5]), torch.tensor([False, False, True]), torch.tensor([8, 24, 48])
+    # penalty 0.5, limit 48 tokens: 0.7 - 0.5 * 8/48, -0.2 - 0.5 * 24/48; the truncated one takes truncated_score.
+    close(rl.response_scores(scores, truncated, -1.0, lengths, 0.5, 48), [0.7 - 0.5 / 6, -0.2 - 0.25, -1.0])
+    close(rl.response_scores(scores, truncated, None, lengths, 0.5, 48), [0.7 - 0.5 / 6, -0.45, 1.5 - 0.5])
+    close(rl.response_scores(scores, truncated, None, lengths, 0.0, 48), [0.7, -0.2, 1.5])  # off
+
+
 def test_ppo_clip_policy_loss():
     old = T([[0.0, 0.0]])
     logp = T([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5

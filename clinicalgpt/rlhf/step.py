@@ -35,13 +35,16 @@ def generate(cfg: Config, roles: Roles, prompts: list[list[int]], n: int, seed: 
 
 def score(cfg: Config, roles: Roles, batch: dict, truncated: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
     """Reference log-probs, rewards, and the policy's log-probs and values, computed in parallel. The log-probs
-    are taken at the temperature the tokens were sampled at (0: greedy, scored at 1); a response the length limit
-    cut scores ppo.truncated_score when that is set."""
+    are taken at the temperature the tokens were sampled at (0: greedy, scored at 1); the scores pay
+    ppo.length_penalty per share of the token limit, and a response the length limit cut scores ppo.truncated_score
+    when that is set."""
     ref = sharded(roles.reference, "logprobs", batch, temperature)
     rew = sharded(roles.reward, "score", batch)
     own = ray.get(sharded(roles.learners.ranks, "logprobs_and_values", batch, temperature))
+    ppo = cfg.ppo
     scores = rl.response_scores(torch.as_tensor(np.concatenate(ray.get(rew))), torch.as_tensor(truncated),
-                                cfg.ppo.truncated_score)
+                                ppo.truncated_score, torch.as_tensor(batch["response_mask"]).sum(1), ppo.length_penalty,
+                                ppo.max_new_tokens)
     out = {"ref_logprobs": np.concatenate(ray.get(ref)), "scores": scores.numpy(),
            "old_logprobs": np.concatenate([o["logprobs"] for o in own])}
     if "values" in own[0]:
