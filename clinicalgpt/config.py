@@ -235,6 +235,9 @@ class PPOConfig:
     checkpoint_every: int = 10
     eval_every: int = 10
     eval_prompts: int = 32  # held-out prompts (valid split) answered greedily for the held-out reward
+    # Exam questions (of SFT's training split: exams have no valid split) answered greedily at each held-out
+    # evaluation, for the share answered with an option letter (eval_exam_compliant); 0 = none.
+    eval_exam_prompts: int = 16
     log_every: int = 1
     seed: int = 0
 

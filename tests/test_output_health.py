@@ -22,10 +22,12 @@ def test_output_health_by_hand():
 
 
 def test_a_held_out_share_past_its_limit_over_the_sft_policy_is_a_health_warning():
-    from clinicalgpt.rlhf.log import HEALTH_LIMITS, health_warnings
-    sft = {"step": 0, "eval_empty": 0.05, "eval_degenerate": 0.10, "eval_truncated": 0.20}
-    assert health_warnings({"step": 10, "eval_empty": 0.15, "eval_degenerate": 0.30, "eval_truncated": 0.50}, sft) == []
-    # degenerate +0.25 (limit 0.2) and truncated +0.35 (limit 0.3); empty +0.05 is within its 0.1.
-    row = {"step": 20, "eval_empty": 0.10, "eval_degenerate": 0.35, "eval_truncated": 0.55}
-    assert health_warnings(row, sft) == ["degenerate answers 0.10 -> 0.35", "truncated answers 0.20 -> 0.55"]
-    assert set(HEALTH_LIMITS) == {"eval_empty", "eval_degenerate", "eval_truncated"}
+    from clinicalgpt.rlhf.log import health_warnings
+    sft = {"step": 0, "eval_empty": 0.05, "eval_degenerate": 0.10, "eval_truncated": 0.20, "eval_exam_compliant": 0.9}
+    within = {"step": 10, "eval_empty": 0.15, "eval_degenerate": 0.30, "eval_truncated": 0.50, "eval_exam_compliant": 0.7}
+    assert health_warnings(within, sft) == []  # every change at most its limit
+    # degenerate +0.25 (limit 0.2), truncated +0.35 (0.3), exam letters -0.3 (-0.2); empty +0.05 is within its 0.1.
+    row = {"step": 20, "eval_empty": 0.10, "eval_degenerate": 0.35, "eval_truncated": 0.55, "eval_exam_compliant": 0.6}
+    assert health_warnings(row, sft) == ["degenerate answers 0.10 -> 0.35", "truncated answers 0.20 -> 0.55",
+                                         "exam_compliant answers 0.90 -> 0.60"]
+    assert health_warnings({"step": 20, "eval_exam_compliant": 1.0}, sft) == []  # a rise in compliance is no harm

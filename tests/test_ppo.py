@@ -60,7 +60,8 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
     assert all(r["engine_logprob_gap"] < 1e-3 for r in rows), [r["engine_logprob_gap"] for r in rows]
     # The held-out answers' health at every held-out evaluation, checked against the SFT policy's (step 0).
     evals = [r for r in history(run, "ppo") if "eval_reward" in r]
-    assert all({"eval_empty", "eval_degenerate", "eval_truncated", "eval_distinct2"} <= set(r) for r in evals), evals
+    assert all({"eval_empty", "eval_degenerate", "eval_truncated", "eval_distinct2", "eval_exam_compliant"} <= set(r)
+               for r in evals), evals
     assert evals[0]["step"] == 0 and all(r["health_alarm"] >= 0 for r in evals[1:]), evals
     assert {"clip_fraction", "approx_kl", "entropy", "value_loss", "explained_variance", "sync_s"} <= set(rows[-1])
     assert AutoModelForCausalLM.from_pretrained(summary["model"])  # the merged policy, HF format

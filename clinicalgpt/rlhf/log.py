@@ -13,17 +13,18 @@ from ..config import Config
 from ..lineage import read_history
 
 # Exported to Prometheus as ray_clinicalgpt_ppo_<name>.
-METRICS = ("reward", "kl", "eval_reward", "eval_degenerate", "eval_truncated", "health_alarm", "samples_per_s",
+METRICS = ("reward", "kl", "eval_reward", "eval_degenerate", "eval_truncated", "eval_exam_compliant", "health_alarm",
+           "samples_per_s",
            "generate_s", "score_s", "train_s", "sync_s", "step_s", "step")
-# How far a held-out answer share may rise above the SFT policy's (PPO's step 0) before the run warns that the
-# policy's outputs are collapsing (monitoring/alerts.yml fires on the same count).
-HEALTH_LIMITS = {"eval_empty": 0.1, "eval_degenerate": 0.2, "eval_truncated": 0.3}
+# How far a held-out answer share may move from the SFT policy's (PPO's step 0) before the run warns that the
+# policy's outputs are collapsing (monitoring/alerts.yml fires on the same count): a rise, or (negative) a fall.
+HEALTH_LIMITS = {"eval_empty": 0.1, "eval_degenerate": 0.2, "eval_truncated": 0.3, "eval_exam_compliant": -0.2}
 
 
 def health_warnings(row: dict, sft: dict) -> list[str]:
     """What in a held-out evaluation row is past HEALTH_LIMITS relative to the SFT policy's row."""
     return [f"{k[5:]} answers {sft[k]:.2f} -> {row[k]:.2f}" for k, limit in HEALTH_LIMITS.items()
-            if k in row and k in sft and row[k] - sft[k] > limit]
+            if k in row and k in sft and (row[k] - sft[k]) / limit > 1 + 1e-9]  # past it, not at it
 
 
 class Log:
@@ -49,7 +50,7 @@ class Log:
             row["health_alarm"] = len(warnings)
             if warnings:
                 print(f"[ppo] WARNING step {step}: the held-out answers are degrading against the SFT policy's: "
-                      f"{'; '.join(warnings)} (limits: rises of {HEALTH_LIMITS}); see docs/ppo.md", flush=True)
+                      f"{'; '.join(warnings)} (limits of change: {HEALTH_LIMITS}); see docs/ppo.md", flush=True)
         self.history.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step":

@@ -3,6 +3,8 @@ tokenized by Ray Data; a resumable stream of training prompts and a fixed set of
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import ray
 
@@ -36,6 +38,21 @@ def held_out_prompts(cfg: Config) -> list[list[int]]:
     """The first ppo.eval_prompts validation prompts that fit ppo.max_prompt_len: the same every run."""
     rows = prompt_dataset(cfg, "valid").take(cfg.ppo.eval_prompts * 4)
     return [list(r["prompt_ids"]) for r in rows if len(r["prompt_ids"]) <= cfg.ppo.max_prompt_len][:cfg.ppo.eval_prompts]
+
+
+def held_out_exam(cfg: Config) -> list[tuple[list[int], dict[str, str]]]:
+    """The first ppo.eval_exam_prompts exam questions of the training split that fit ppo.max_prompt_len, with their
+    options: the same every run. Answered greedily for the answer format, not accuracy (SFT trained on them)."""
+    from ..corpus import read_records
+    if not cfg.ppo.eval_exam_prompts:
+        return []
+    tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
+    out = []
+    for r in read_records(cfg, ["train"], ["exam"]).take(cfg.ppo.eval_exam_prompts * 4):
+        ids = prompt_ids(tok, list(r["messages"][:-1]))
+        if len(ids) <= cfg.ppo.max_prompt_len:
+            out.append((ids, json.loads(r["meta"])["options"]))
+    return out[:cfg.ppo.eval_exam_prompts]
 
 
 class PromptStream:

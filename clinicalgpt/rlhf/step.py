@@ -11,7 +11,7 @@ import torch
 
 from .. import rl
 from ..config import Config
-from ..evaluation.metrics import output_health
+from ..evaluation.metrics import extract_answer, output_health
 from ..experience import build_batch, split_batch
 from .roles import Roles
 
@@ -96,17 +96,24 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
     return row
 
 
-def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]]) -> dict[str, float]:
+def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]],
+                    exam: list[tuple[list[int], dict[str, str]]]) -> dict[str, float]:
     """Greedy answers to held-out prompts: mean reward, KL to the reference (summed per response), and the
-    answers' output health (evaluation.metrics.output_health, as eval_<name>)."""
+    answers' output health (evaluation.metrics.output_health, as eval_<name>); and to exam questions (prompt,
+    options): the share answered with an option letter (eval_exam_compliant)."""
     batch, _, truncated = generate(cfg, roles, prompts, 1, cfg.ppo.seed, temperature=0.0)
     P = batch["prompt_len"]
     texts = roles.tokenizer.batch_decode([ids[P:P + int(n)] for ids, n in zip(batch["input_ids"], batch["response_mask"].sum(1))],
                                          skip_special_tokens=True)
-    health = output_health(texts, truncated.tolist())
+    health = {f"eval_{k}": v for k, v in output_health(texts, truncated.tolist()).items()}
+    if exam:
+        answers = roles.rollout.generate([p for p, _ in exam], 1, cfg.ppo.max_new_tokens, 0.0, 1.0, cfg.ppo.seed)
+        replies = roles.tokenizer.batch_decode([a["ids"] for a in answers], skip_special_tokens=True)
+        health["eval_exam_compliant"] = float(np.mean([extract_answer(r, options) != "" for r, (_, options)
+                                                       in zip(replies, exam)]))
     scored = score(cfg, roles, batch, truncated, temperature=0.0)
     mask = torch.as_tensor(batch["response_mask"])
     # k3, not k1: greedy answers are not samples of the policy, and k1's sum over them can go negative.
     kl = rl.kl_per_token(torch.as_tensor(scored["old_logprobs"]), torch.as_tensor(scored["ref_logprobs"]), "k3")
     return {"eval_reward": float(scored["scores"].mean()), "eval_kl": float((kl * mask).sum(1).mean()),
-            "eval_response_length": float(mask.sum(1).mean()), **{f"eval_{k}": v for k, v in health.items()}}
+            "eval_response_length": float(mask.sum(1).mean()), **health}

@@ -13,7 +13,7 @@ from ..config import Config
 from ..reward_functions import parse_reward, reward_function_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .log import Log
-from .prompts import PromptStream, held_out_prompts
+from .prompts import PromptStream, held_out_exam, held_out_prompts
 from .roles import Roles, start_roles, weight_sync_mode
 from .step import held_out_reward, ppo_step
 
@@ -89,10 +89,10 @@ def train(cfg: Config) -> dict:
           f"advantage {ppo.advantage}, weights by {roles.rollout.weight_sync}", flush=True)
 
     stream = PromptStream(cfg, consumed)
-    eval_prompts = held_out_prompts(cfg)
+    eval_prompts, eval_exam = held_out_prompts(cfg), held_out_exam(cfg)
     log = Log(cfg, out)
     if step == 0:
-        log.write({"step": 0, **held_out_reward(cfg, roles, eval_prompts)})
+        log.write({"step": 0, **held_out_reward(cfg, roles, eval_prompts, eval_exam)})
     failures = 0
     while step < ppo.steps:
         try:
@@ -100,7 +100,7 @@ def train(cfg: Config) -> dict:
             kl_controller.update(row["kl"], ppo.prompts_per_step * ppo.samples_per_prompt)
             row["skipped_long_prompts"] = stream.skipped_long
             if row["step"] % ppo.eval_every == 0 or row["step"] == ppo.steps:
-                row.update(held_out_reward(cfg, roles, eval_prompts))
+                row.update(held_out_reward(cfg, roles, eval_prompts, eval_exam))
             log.write(row)
             step = row["step"]
             if step % ppo.checkpoint_every == 0 or step == ppo.steps:
