@@ -17,7 +17,8 @@ from clinicalgpt import rl
 from clinicalgpt.config import Config
 from clinicalgpt.experience import by_length, length_grouped_minibatches, response_logprobs, take_rows, token_values
 from clinicalgpt.modeling import pushed_tensors, trained_weights
-from clinicalgpt.trainer import apply_lora, export_hf, load_trained_state, save_trained_state, zero2_config
+from clinicalgpt.trainer import (apply_lora, causal_lm_loss, export_hf, load_trained_state, save_trained_state,
+                                 zero2_config)
 
 
 class PolicySource:
@@ -93,15 +94,18 @@ class LearnerRank:
                 out["values"] = by_length(lambda b: token_values(self.critic, b, self.device).cpu().numpy(), batch, rows)
         return out
 
-    def train(self, batch: dict, step: int) -> dict[str, float]:
+    def train(self, batch: dict, step: int, ptx: dict | None = None) -> dict[str, float]:
         """PPO epochs over minibatches of this rank's share (every rank takes the same number of steps), the
-        policy loss weighted by truncated importance sampling against the engines' log-probs (ppo.tis_cap)."""
+        policy loss weighted by truncated importance sampling against the engines' log-probs (ppo.tis_cap); with
+        ptx (packed LM rows, rl.ptx_rows_per_rank of them), each update also takes ppo.ptx_coef x the LM loss of
+        the next ppo.ptx_micro_batch rows."""
         ppo = self.cfg.ppo
         micro = ppo.minibatch // self.world
         t = {k: torch.as_tensor(batch[k], device=self.device) for k in (
             "response_mask", "old_logprobs", "engine_logprobs", "advantages", "old_values", "returns") if k in batch}
         stats: dict[str, list[float]] = {}
         rng = np.random.default_rng([ppo.seed, step, self.rank])
+        ptx_rows = iter(range(0, len(ptx["input_ids"]), ppo.ptx_micro_batch)) if ptx is not None else None
         for _ in range(ppo.epochs):
             for idx in length_grouped_minibatches(batch, micro, ppo.length_group, rng):
                 sub = take_rows(batch, idx)
@@ -112,9 +116,17 @@ class LearnerRank:
                 weights, tis = (rl.truncated_is_weights(old, t["engine_logprobs"][idx], mask, ppo.tis_cap)
                                 if ppo.tis_cap else (1.0, {}))
                 loss, s = rl.policy_loss(logp, old, t["advantages"][idx], mask, ppo.clip, weights)
+                s["policy_loss"] = loss.item()
+                if ptx_rows is not None:
+                    first = next(ptx_rows)
+                    rows = {k: torch.as_tensor(v[first:first + ppo.ptx_micro_batch], device=self.device)
+                            for k, v in ptx.items()}
+                    lm_loss, _, _ = causal_lm_loss(self.policy, rows)
+                    loss = loss + ppo.ptx_coef * lm_loss
+                    s["ptx_loss"] = lm_loss.item()
                 self.policy.backward(loss)
                 self.policy.step()
-                s.update(tis, policy_loss=loss.item(), entropy=float(rl.masked_mean(entropy.detach(), mask)))
+                s.update(tis, entropy=float(rl.masked_mean(entropy.detach(), mask)))
                 if self.critic is not None:
                     values = token_values(self.critic, sub, self.device)
                     vloss = rl.value_loss(values, t["old_values"][idx], t["returns"][idx], mask, ppo.value_clip)

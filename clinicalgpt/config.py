@@ -214,6 +214,10 @@ class PPOConfig:
     # Truncated importance sampling: each token's policy loss weighted by min(pi_learner / pi_engine, tis_cap),
     # for the engines sampling a slightly different policy than the learner's (bf16 weights); 0 = off.
     tis_cap: float = 2.0
+    # PPO-ptx (InstructGPT): each policy update adds ptx_coef x the language-model loss of ptx_micro_batch packed
+    # rows of the SFT stage's training stream, so the policy keeps its SFT skills (the alignment tax); 0 = off.
+    ptx_coef: float = 0.0
+    ptx_micro_batch: int = 1
     value_clip: float = 0.2
     grad_clip: float = 1.0
     bf16: bool = False

@@ -210,3 +210,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each categorical distribution over the last dimension."""
     logp = torch.log_softmax(logits.float(), -1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def ptx_rows_per_rank(ppo) -> int:
+    """The packed LM rows one learner rank takes a step under PPO-ptx: ptx_micro_batch for each of its updates
+    (ppo.epochs passes over its share of the responses, a minibatch an update)."""
+    share, micro = ppo.prompts_per_step * ppo.samples_per_prompt // ppo.learner.num, ppo.minibatch // ppo.learner.num
+    return ppo.epochs * (share // micro) * ppo.ptx_micro_batch

@@ -120,7 +120,7 @@ def grpo_roles(trained, request):
     cfg, _ = trained
     # LoRA on part of a layer vLLM fuses (q of qkv, gate of gate_up): a push must still set those layers whole.
     cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL_PPO, "ppo.advantage=grpo",
-                       "ppo.lora.targets=[q_proj,gate_proj]", *request.param])
+                       "ppo.lora.targets=[q_proj,gate_proj]", "ppo.ptx_coef=0.5", *request.param])
     policy = str(cfg.stage_dir("sft") / "final")
     roles = start_roles(cfg, policy, policy, critic=None)
     stream = PromptStream(cfg)
@@ -146,6 +146,26 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_ro
     assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
     # Sampled tokens scored by the engine and by the learner agree after each push.
     assert first["engine_logprob_gap"] < 1e-3 and second["engine_logprob_gap"] < 1e-3
+
+
+def test_ptx_adds_the_language_model_loss_of_the_sft_stream_to_each_policy_update(grpo_roles):
+    from clinicalgpt import rl
+    from clinicalgpt.rlhf.prompts import PtxStream
+    from clinicalgpt.rlhf.step import ppo_step
+    from clinicalgpt.trainer import causal_lm_loss
+    cfg, roles, stream = grpo_roles
+    ptx_stream = PtxStream(cfg)
+    rows = ptx_stream.take(cfg.ppo.learner.num * rl.ptx_rows_per_rank(cfg.ppo))  # 2 ranks x 2 epochs x 2 updates
+    ptx_stream.close()
+    assert len(rows["input_ids"]) == 2 * 2 * (8 * 4 // 2 // (16 // 2)) and rows["input_ids"].shape[1] == cfg.seq.max_len
+    row = ppo_step(cfg, roles, stream.take(cfg.ppo.prompts_per_step), 0.05, 10, rows)
+    # The SFT model's own loss on those rows, row by row as the updates take them (LoRA moves it little meanwhile).
+    sft = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft") / "final")
+    with torch.no_grad():
+        by_hand = np.mean([causal_lm_loss(sft, {k: torch.as_tensor(v[i:i + 1]) for k, v in rows.items()})[0].item()
+                           for i in range(len(rows["input_ids"]))])
+    assert row["ptx_loss"] == pytest.approx(by_hand, abs=0.1), (row["ptx_loss"], by_hand)
+    assert np.isfinite(row["policy_loss"]) and row["policy_loss"] != row["ptx_loss"]
 
 
 @pytest.mark.chaos

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clinicalgpt import rl
+from clinicalgpt.config import load_config
 
 T = torch.tensor
 
@@ -65,7 +66,6 @@ def test_group_advantages():
 
 
 def test_group_advantages_are_not_whitened_again():
-    from clinicalgpt.config import load_config
     from clinicalgpt.rlhf.step import advantages
     cfg = load_config(["ppo.samples_per_prompt=2", "ppo.advantage=grpo"])  # ppo.whiten_advantages stays on
     zeros = torch.zeros(4, 3)
@@ -153,7 +153,6 @@ def test_explained_variance():
 
 
 def test_ppo_advantage_names_an_estimator_and_whether_it_trains_a_critic():
-    from clinicalgpt.config import load_config
     ppo = load_config(["ppo.samples_per_prompt=2", "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.whiten_advantages=false"]).ppo
     rewards, mask = T([[0.0, 1.0], [0.0, 3.0]]), T([[1.0, 1.0], [1.0, 1.0]])  # one prompt, two samples
     adv, returns = rl.ADVANTAGE_ESTIMATORS["rloo"](rewards, None, mask, ppo)
@@ -166,7 +165,6 @@ def test_ppo_advantage_names_an_estimator_and_whether_it_trains_a_critic():
 
 
 def test_kl_controllers():
-    from clinicalgpt.config import load_config
     ppo = load_config(["ppo.kl_coef=0.1", "ppo.kl_target=6.0", "ppo.kl_horizon=10000"]).ppo
     fixed = rl.KL_CONTROLLERS["fixed"](ppo)
     fixed.update(100.0, 64)
@@ -194,10 +192,16 @@ def test_entropy_from_logits():
                                           ("ppo.advantage=rloo ppo.samples_per_prompt=1", "rloo compares the samples"),
                                           ("ppo.length_group=0", "must be >= 1")])
 def test_bad_rl_settings_are_refused_before_anything_starts(tmp_path, bad, message):
-    from clinicalgpt.config import load_config
     from clinicalgpt.rlhf.train import check_inputs
     sft = tmp_path / "tiny" / "sft" / "final"
     sft.mkdir(parents=True)
     (sft / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=message):
         check_inputs(load_config([f"run_root={tmp_path}", "ppo.reward=length:8", *bad.split()]))
+
+
+def test_ptx_takes_a_micro_batch_of_lm_rows_for_every_policy_update_of_a_rank():
+    ppo = load_config([]).ppo  # 16 prompts x 4 samples over 2 ranks: 32 each; minibatch 16: 8 a rank; 2 epochs
+    assert rl.ptx_rows_per_rank(ppo) == 2 * (32 // 8) * 1
+    ppo = load_config(["ppo.ptx_micro_batch=2", "ppo.learner.num=4", "ppo.epochs=1"]).ppo  # 16 a rank, 4 an update
+    assert rl.ptx_rows_per_rank(ppo) == 1 * (16 // 4) * 2

@@ -1,10 +1,12 @@
-"""PPO's prompts: the records of the prompt tasks (ppo.prompt_tasks), rendered with the chat template and
-tokenized by Ray Data; a resumable stream of training prompts and a fixed set of held-out ones."""
+"""PPO's data: the records of the prompt tasks (ppo.prompt_tasks), rendered with the chat template and
+tokenized by Ray Data, as a resumable stream of training prompts and a fixed set of held-out ones (and exam
+questions); and PPO-ptx's language-model rows, the SFT stage's packed training stream."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import ray
 
@@ -90,6 +92,38 @@ class PromptStream:
                 continue
             out.append(ids.tolist())
         return out
+
+    def close(self) -> None:
+        self._rows.close()
+
+
+class PtxStream:
+    """PPO-ptx's language-model rows: the SFT stage's packed training stream (Ray Data), epoch after epoch, from
+    row `skip` (a resumed run skips what its steps took: rl.ptx_rows_per_rank a rank a step)."""
+
+    def __init__(self, cfg: Config, skip: int = 0):
+        from ..packing import packed_stream, read_stream
+        from ..stages import stage_streams
+        name, spec = next(iter(stage_streams(cfg, "sft").items()))  # sft_train
+        self.ds = read_stream(packed_stream(cfg, name, spec))
+        self._rows = self._forever(skip)
+
+    def _forever(self, skip: int):
+        while True:
+            batches = iter(self.ds.iter_batches(batch_size=64, batch_format="numpy"))
+            try:
+                for batch in batches:
+                    for i in range(len(batch["input_ids"])):
+                        if skip > 0:
+                            skip -= 1
+                            continue
+                        yield {k: v[i] for k, v in batch.items()}
+            finally:  # on close(), as PromptStream
+                batches.close()
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        rows = [next(self._rows) for _ in range(n)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def close(self) -> None:
         self._rows.close()

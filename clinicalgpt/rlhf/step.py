@@ -62,8 +62,10 @@ def advantages(cfg: Config, scored: dict, mask: torch.Tensor, beta: float) -> di
     return {"kl": kl, "advantages": adv, "returns": returns}
 
 
-def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, step: int) -> dict:
-    """One iteration: generate, score, advantages, PPO epochs on the learners, weight push. Its metrics."""
+def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, step: int,
+             ptx: dict[str, np.ndarray] | None = None) -> dict:
+    """One iteration: generate, score, advantages, PPO epochs on the learners (with PPO-ptx's packed LM rows, split
+    among the ranks, when given), weight push. Its metrics."""
     ppo = cfg.ppo
     t0 = time.time()
     batch, engine_logprobs, truncated = generate(cfg, roles, prompts, ppo.samples_per_prompt,
@@ -77,7 +79,9 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
                   "advantages": adv["advantages"].numpy()}
     if adv["returns"] is not None:
         experience.update(old_values=scored["old_values"], returns=adv["returns"].numpy())
-    stats = ray.get([r.train.remote(s, step) for r, s in zip(roles.learners.ranks, split_batch(experience, ppo.learner.num))])
+    ptx_shares = split_batch(ptx, ppo.learner.num) if ptx is not None else [None] * ppo.learner.num
+    stats = ray.get([r.train.remote(s, step, p) for r, s, p in zip(
+        roles.learners.ranks, split_batch(experience, ppo.learner.num), ptx_shares)])
     t3 = time.time()
     roles.rollout.push_weights()
     t4 = time.time()

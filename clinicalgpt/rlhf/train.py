@@ -13,7 +13,7 @@ from ..config import Config
 from ..reward_functions import parse_reward, reward_function_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .log import Log
-from .prompts import PromptStream, held_out_exam, held_out_prompts
+from .prompts import PromptStream, PtxStream, held_out_exam, held_out_prompts
 from .roles import Roles, start_roles, weight_sync_mode
 from .step import held_out_reward, ppo_step
 
@@ -74,6 +74,12 @@ def resume(cfg: Config, roles: Roles) -> tuple[int, int, rl.FixedKL]:
     return state["step"], state["consumed"], kl_controller
 
 
+def ptx_stream(cfg: Config, step: int) -> PtxStream | None:
+    """PPO-ptx's LM rows from where `step` steps left them (None with ppo.ptx_coef 0)."""
+    ppo = cfg.ppo
+    return PtxStream(cfg, skip=step * ppo.learner.num * rl.ptx_rows_per_rank(ppo)) if ppo.ptx_coef else None
+
+
 def train(cfg: Config) -> dict:
     """The whole PPO stage on the connected Ray cluster; its summary."""
     policy, reward_model, critic = check_inputs(cfg)
@@ -88,7 +94,7 @@ def train(cfg: Config) -> dict:
           f"{ppo.reward_model.num} reward, {ppo.learner.num} learner rank(s); reward {ppo.reward}, "
           f"advantage {ppo.advantage}, weights by {roles.rollout.weight_sync}", flush=True)
 
-    stream = PromptStream(cfg, consumed)
+    stream, ptx = PromptStream(cfg, consumed), ptx_stream(cfg, step)
     eval_prompts, eval_exam = held_out_prompts(cfg), held_out_exam(cfg)
     log = Log(cfg, out)
     if step == 0:
@@ -96,7 +102,8 @@ def train(cfg: Config) -> dict:
     failures = 0
     while step < ppo.steps:
         try:
-            row = ppo_step(cfg, roles, stream.take(ppo.prompts_per_step), kl_controller.beta, step)
+            ptx_rows = ptx.take(ppo.learner.num * rl.ptx_rows_per_rank(ppo)) if ptx else None
+            row = ppo_step(cfg, roles, stream.take(ppo.prompts_per_step), kl_controller.beta, step, ptx_rows)
             kl_controller.update(row["kl"], ppo.prompts_per_step * ppo.samples_per_prompt)
             row["skipped_long_prompts"] = stream.skipped_long
             if row["step"] % ppo.eval_every == 0 or row["step"] == ppo.steps:
@@ -115,12 +122,16 @@ def train(cfg: Config) -> dict:
                   "restarting the roles from the last checkpoint", flush=True)
             roles.shutdown()
             stream.close()
+            if ptx:
+                ptx.close()
             roles = start_roles(cfg, policy, reward_model, critic)
             step, consumed, kl_controller = resume(cfg, roles)
-            stream = PromptStream(cfg, consumed)
+            stream, ptx = PromptStream(cfg, consumed), ptx_stream(cfg, step)
             print(f"[ppo] recovered in {time.time() - failed:.1f}s: training goes on from step {step + 1}", flush=True)
 
     stream.close()
+    if ptx:
+        ptx.close()
     roles.learners.call("export", str(out / "final"))
     roles.shutdown()
     return log.summary(str(out / "final"))
