@@ -14,8 +14,7 @@ from ..lineage import read_history
 
 # Exported to Prometheus as ray_clinicalgpt_ppo_<name>.
 METRICS = ("reward", "kl", "eval_reward", "eval_degenerate", "eval_truncated", "eval_exam_compliant", "health_alarm",
-           "samples_per_s",
-           "generate_s", "score_s", "train_s", "sync_s", "step_s", "step")
+           "samples_per_s", "generate_s", "score_s", "train_s", "sync_s", "step_s", "step")
 # How far a held-out answer share may move from the SFT policy's (PPO's step 0) before the run warns that the
 # policy's outputs are collapsing (monitoring/alerts.yml fires on the same count): a rise, or (negative) a fall.
 HEALTH_LIMITS = {"eval_empty": 0.1, "eval_degenerate": 0.2, "eval_truncated": 0.3, "eval_exam_compliant": -0.2}
