@@ -11,7 +11,7 @@ from ..config import Config
 from ..tokenizer import load_tokenizer
 from .items import answer_all, drop_long, load_items
 from .report import draw_charts, markdown_report
-from .scoring import score_families, score_health
+from .scoring import exam_categorizer, score_families, score_health
 
 
 def evaluate(cfg: Config, paths: list[str]) -> dict:
@@ -33,9 +33,10 @@ def evaluate(cfg: Config, paths: list[str]) -> dict:
     finally:
         engines.close()
 
-    families, scores = score_families(cfg, names, items, answers)
+    categorizer = exam_categorizer(cfg)
+    families, scores = score_families(cfg, names, items, answers, categorizer)
     results = {"models": names, "paths": paths, "items": {f: len(r) for f, r in items.items()},
-               "skipped_long": skipped, "families": families, "health": score_health(cfg, names, items, answers),
+               "skipped_long": skipped, "families": families, "health": score_health(names, items, answers, categorizer),
                "seconds": round(time.time() - started, 1)}
     records = []
     for family, rows in items.items():

@@ -59,8 +59,14 @@ def score_diagnosis(items: list[dict], replies: list[str], synonyms) -> tuple[di
             "per_source": accuracy_by(out, "source")}, out
 
 
+def exam_categorizer(cfg: Config) -> metrics.ExamCategorizer:
+    """The knowledge graphs' diseases and departments: exam categories, and the diseases an answer names."""
+    kg_files = [cfg.data_root / s.path for s in cfg.data.sources if s.kind.startswith("kg_")]
+    return metrics.ExamCategorizer.from_kg(kg_files, cfg.eval.exam_labels)
+
+
 def score_families(cfg: Config, names: list[str], items: dict[str, list[dict]],
-                   answers: dict[str, dict[str, list[str]]]) -> tuple[dict, dict]:
+                   answers: dict[str, dict[str, list[str]]], categorizer) -> tuple[dict, dict]:
     """family -> its results per model (per "last vs other" comparison for the judged families), and
     family -> model -> each item's scores."""
     kg_files = [cfg.data_root / s.path for s in cfg.data.sources if s.kind.startswith("kg_")]
@@ -72,7 +78,6 @@ def score_families(cfg: Config, names: list[str], items: dict[str, list[dict]],
             references = [r["reference"] for r in rows]
             per_model = {name: metrics.conversation_scores(answers[name][family], references) for name in names}
         elif family == "exam":
-            categorizer = metrics.ExamCategorizer.from_kg(kg_files, cfg.eval.exam_labels)
             for name in names:
                 per_model[name], scored[name] = score_exam(rows, answers[name], categorizer)
         elif family == "diagnosis":
@@ -91,18 +96,16 @@ def score_families(cfg: Config, names: list[str], items: dict[str, list[dict]],
     return results, scores
 
 
-def score_health(cfg: Config, names: list[str], items: dict[str, list[dict]], answers: dict) -> dict:
+def score_health(names: list[str], items: dict[str, list[dict]], answers: dict, categorizer) -> dict:
     """model -> family -> metrics.output_health of its answers; compliance where a family asks for a format:
     an exam answer names an option letter, a diagnosis answer names a disease of the knowledge graphs."""
-    kg_files = [cfg.data_root / s.path for s in cfg.data.sources if s.kind.startswith("kg_")]
-    diseases = metrics.ExamCategorizer.from_kg(kg_files, cfg.eval.exam_labels) if "diagnosis" in items else None
     health = {}
     for name in names:
         health[name] = {}
         for family, rows in items.items():
             replies = answers[name][family]
             compliant = ([metrics.extract_answer(a, r["meta"]["options"]) != "" for a, r in zip(replies, rows)]
-                         if family == "exam" else [bool(diseases.diseases_in(a)) for a in replies]
+                         if family == "exam" else [bool(categorizer.diseases_in(a)) for a in replies]
                          if family == "diagnosis" else None)
             health[name][family] = metrics.output_health(replies, answers[name]["truncated"][family], compliant)
     return health
