@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-STAGE_MODELS = ("pretrain", "sft", "ppo")
+STAGE_MODELS = ("pretrain", "sft", "rm", "judge", "ppo")
 
 
 @dataclass
@@ -144,6 +144,9 @@ class TrainConfig:
     task_fractions: dict[str, float] = field(default_factory=dict)
     # Share of each pair source's training pairs the reward model trains on (missing sources: all).
     pair_fractions: dict[str, float] = field(default_factory=dict)
+    # rm: the half of the training pairs (by a hash of the pair) it trains on, 1 or 2, so that the evaluation's
+    # judge (jobs/judge.py) trains on the other half with another seed; 0: all pairs (then no judge of our own).
+    pair_half: int = 0
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
 
 
@@ -262,7 +265,10 @@ class EvalConfig:
         "conversation": 64, "exam": 32, "diagnosis": 32, "qa": 96, "safety": 96})
     exam_likelihood: bool = True  # also pick the option the model gives the highest mean log-prob per token
     exam_labels: str = ""  # a JSON object, item id -> category, overriding the derived exam categories
-    judge: str = "reward_model"  # reward_model (runs/<preset>/rm/final) | openai (any OpenAI-compatible endpoint)
+    judge: str = "reward_model"  # reward_model (judge_reward_model) | openai (any OpenAI-compatible endpoint)
+    # reward_model: the judge stage's (jobs/judge.py: trained apart from the reward model PPO optimised), rm (that
+    # one: it judges what PPO was trained to please), or a reward model's folder.
+    judge_reward_model: str = "judge"
     judge_url: str = ""  # openai: the base URL, e.g. https://api.openai.com/v1 or a model this project serves
     judge_model: str = "gpt-4"
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's key
@@ -322,8 +328,11 @@ class Config:
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=2e-3, global_batch=16, micro_batch=8, max_steps=60, eval_every=15, checkpoint_every=30,
         task_fractions={"kg_qa": 0.1}, lora=LoraSettings()))
+    # The reward model PPO optimises and the evaluation's judge (jobs/judge.py: these settings with the seed
+    # plus one) each train on one half of the pairs.
     rm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=2e-4, global_batch=16, micro_batch=8, max_steps=420, eval_every=60, checkpoint_every=140, log_every=10,
+        lr=2e-4, global_batch=16, micro_batch=8, max_steps=210, eval_every=30, checkpoint_every=70, log_every=10,
+        pair_half=1,
         # The tiny model holds too few facts to learn these (they stay at chance): a fifth of them leaves the
         # steps to the pairs it can learn. Presets of real models train on all.
         pair_fractions={"constructed/kg_swap": 0.2, "constructed/exam_wrong_option": 0.2}))
@@ -354,7 +363,7 @@ class Config:
         return self.model.path or str(self.run_dir / "base")
 
     def stage_model(self, name: str) -> str:
-        """A stage's exported model (pretrain, sft, ppo), or `name` itself as a model folder or hub name."""
+        """A stage's exported model (pretrain, sft, rm, judge, ppo), or `name` itself as a model folder or hub name."""
         if name in STAGE_MODELS:
             path = self.stage_dir(name) / "final"
             if not (path / "config.json").exists():

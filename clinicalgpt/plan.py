@@ -31,6 +31,7 @@ from . import rl
 from .config import Config, EngineConfig, LoraSettings, RoleConfig
 from .modeling import pushed_tensors
 from .reward_functions import parse_reward
+from .reward_model import stage_config, trains_judge
 from .runtime import device_env
 from .trainer import ZERO_STAGE, apply_lora, scaling_config
 
@@ -50,6 +51,7 @@ DRIVERS = {
     "pretrain": "Ray Train's controller, the Ray Data stream's plan, eval_rows held-out rows",
     "sft": "Ray Train's controller, the Ray Data stream's plan, eval_rows held-out rows",
     "rm": "Ray Train's controller, the pairs (a few MB); held-out accuracy: a Ray task on a worker's resources",
+    "judge": "as rm's",
     "ppo": "the controller: prompts, tokenizer, a step's experience; weights go learner -> engines, not via the driver",
     "eval": "the items, tokenizers and answers, the judge's scores",
     "serve": "the application's builder; a serve.adapter is merged by a Ray task on a replica's resources",
@@ -210,11 +212,11 @@ def runtime(gpus: float) -> float:
 def training_workers(cfg: Config, stage: str, model: Model, cluster: Cluster) -> Actor:
     """A Ray Train worker of a stage, as the stage's ScalingConfig asks for it. ZeRO-2 shards over the
     fewest workers the stage may run on (min_workers when elastic)."""
-    train_cfg = getattr(cfg, stage)
+    train_cfg = stage_config(cfg, stage) if stage in ("rm", "judge") else getattr(cfg, stage)
     resources = scaling_config(train_cfg).resources_per_worker
     gpus = resources.get("GPU", 0.0)
     dtype = "bfloat16" if train_cfg.bf16 else cfg.model.dtype
-    w, shards, classifier = DTYPE_BYTES[dtype], train_cfg.min_workers or train_cfg.num_workers, stage == "rm"
+    w, shards, classifier = DTYPE_BYTES[dtype], train_cfg.min_workers or train_cfg.num_workers, stage in ("rm", "judge")
     counts = model.parameters(classifier, train_cfg.lora)
     rows, tokens = train_cfg.micro_batch * (2 if classifier else 1), cfg.seq.max_len  # rm: chosen and rejected at once
     memory = {"weights": counts["all"] * w, "gradients": counts["trainable"] * w / shards,
@@ -291,7 +293,8 @@ def ppo_actors(cfg: Config, model: Model, cluster: Cluster) -> list[Actor]:
 
 def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     model = Model(model_config(cfg))
-    actors = [training_workers(cfg, stage, model, cluster) for stage in ("pretrain", "sft", "rm")]
+    stages = ["pretrain", "sft", "rm"] + (["judge"] if trains_judge(cfg) else [])
+    actors = [training_workers(cfg, stage, model, cluster) for stage in stages]
     actors += ppo_actors(cfg, model, cluster)
     actors.append(engine_actors("eval", "rollout", cfg.eval.rollout, cfg.eval.engine, model, cfg.model.dtype,
                                 cfg.seq.max_len, cluster))

@@ -7,6 +7,7 @@ ground truth, because factual errors are what a clinical reward model must catch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter, defaultdict
@@ -129,6 +130,30 @@ def preference_pairs(batch: pa.Table) -> pa.Table:
     })
 
 
+def in_half(batch: pa.Table, half: int) -> pa.Table:
+    """Ray Data map: the pairs of one half (1 or 2), by a hash of the pair that no seed changes, so the reward
+    model and the judge train on disjoint halves."""
+    columns = [batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
+    keep = [(hash_fraction("rm-half", *pair) < 0.5) == (half == 1) for pair in zip(*columns)]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+def stage_config(cfg: Config, stage: str) -> TrainConfig:
+    """The training settings of the reward model (rm) or of the evaluation's judge: rm's, with the other half of
+    the pairs and the next seed."""
+    if stage == "rm":
+        return cfg.rm
+    if cfg.rm.pair_half not in (1, 2):
+        raise SystemExit(f"the judge trains on the half of the pairs the reward model did not: set rm.pair_half to "
+                         f"1 or 2 (it is {cfg.rm.pair_half}), or judge with an endpoint (eval.judge=openai)")
+    return dataclasses.replace(cfg.rm, pair_half=3 - cfg.rm.pair_half, seed=cfg.rm.seed + 1)
+
+
+def trains_judge(cfg: Config) -> bool:
+    """Whether the recipe trains the evaluation's judge (jobs/judge.py): the evaluation's default judge."""
+    return cfg.eval.judge == "reward_model" and cfg.eval.judge_reward_model == "judge"
+
+
 def pair_dataset(cfg: Config) -> ray.data.Dataset:
     """All pairs, train and test, as one stream of (prompt, chosen, rejected, source, split)."""
     from .corpus import read_records
@@ -203,11 +228,10 @@ def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 class RewardTask(Task):
-    name = "rm"
     shuffle_rows = False  # its stream comes shuffled, then grouped by length (length_groups)
 
-    def __init__(self, source: str, pad_id: int):
-        self.source, self.pad_id = source, pad_id
+    def __init__(self, source: str, pad_id: int, name: str = "rm"):
+        self.source, self.pad_id, self.name = source, pad_id, name  # name: rm, or judge
 
     def build_model(self, cfg: Config, train_cfg: TrainConfig) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
@@ -313,41 +337,47 @@ def accuracy_table(accuracy: dict, trained_on: Counter) -> list[str]:
     return lines
 
 
-def run_reward_stage(cfg: Config, source: str, argv: list[str]) -> dict:
-    """Train the reward model from the SFT model at `source` on the pairs (each source's share: rm.pair_fractions),
-    measure held-out pairwise accuracy, and write accuracy.json/md, summary.json and the run's lineage."""
+def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm") -> dict:
+    """Train the reward model (stage rm) or the evaluation's judge (stage judge: stage_config) from the SFT model at
+    `source` on the pairs (its half, rm.pair_half; each source's share: rm.pair_fractions), measure held-out
+    pairwise accuracy, and write accuracy.json/md, summary.json and the run's lineage."""
     from .lineage import record_stage
     from .packing import keep_sampled
     from .tokenizer import load_tokenizer
     from .trainer import fit, steps_for, summarize_history
 
-    started, out = time.time(), cfg.stage_dir("rm")
+    train_cfg = stage_config(cfg, stage)
+    started, out = time.time(), cfg.stage_dir(stage)
     pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
+    train = pairs.filter(lambda r: r["split"] == "train")
+    if train_cfg.pair_half:
+        train = train.map_batches(in_half, batch_format="pyarrow", fn_kwargs={"half": train_cfg.pair_half})
     # Each source's share of its training pairs (rm.pair_fractions), by a hash of the pair.
-    train = pairs.filter(lambda r: r["split"] == "train").map_batches(
-        keep_sampled, batch_format="pyarrow", fn_kwargs={"fractions": dict(cfg.rm.pair_fractions), "seed": cfg.rm.seed,
-                                                         "group": "source", "keys": ("prompt", "rejected"),
-                                                         "salt": "rm-share"})
+    train = train.map_batches(
+        keep_sampled, batch_format="pyarrow", fn_kwargs={"fractions": dict(train_cfg.pair_fractions),
+                                                         "seed": train_cfg.seed, "group": "source",
+                                                         "keys": ("prompt", "rejected"), "salt": "rm-share"})
     train = train.materialize()  # counted twice below
     trained_on = Counter(train.select_columns(["source"]).to_pandas()["source"])
-    train = train.random_shuffle(seed=cfg.rm.seed)  # sources are in blocks
+    train = train.random_shuffle(seed=train_cfg.seed)  # sources are in blocks
     test = pairs.filter(lambda r: r["split"] == "test")
-    eval_rows = tokenized_pairs(cfg, test.random_shuffle(seed=cfg.rm.seed)).take_batch(cfg.rm.eval_rows,
-                                                                                     batch_format="numpy")
+    eval_rows = tokenized_pairs(cfg, test.random_shuffle(seed=train_cfg.seed)).take_batch(train_cfg.eval_rows,
+                                                                                         batch_format="numpy")
     pad_id = load_tokenizer(cfg.model_path).pad_token_id
     stream = tokenized_pairs(cfg, train).map_batches(
-        length_groups, batch_size=cfg.rm.micro_batch * 32, batch_format="numpy",
-        fn_kwargs={"micro_batch": cfg.rm.micro_batch, "pad_id": pad_id})
-    result = fit(cfg, RewardTask(source, pad_id), cfg.rm, stream, steps_for(cfg.rm, train.count()), eval_rows)
+        length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="numpy",
+        fn_kwargs={"micro_batch": train_cfg.micro_batch, "pad_id": pad_id})
+    result = fit(cfg, RewardTask(source, pad_id, stage), train_cfg, stream, steps_for(train_cfg, train.count()),
+                 eval_rows)
     if result.error:
-        raise SystemExit(f"[rm] training failed: {result.error}")
+        raise SystemExit(f"[{stage}] training failed: {result.error}")
 
     # Two models at once, in the stage's dtype, on a training worker's resources (a GPU on the real presets),
     # not in the driver; the pairs are tokenized by Ray Data here and travel through the object store.
     tokenized = list(tokenized_pairs(cfg, test).iter_batches(batch_size=None, batch_format="numpy"))
     held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
     accuracy = ray.get(ray.remote(pairwise_accuracy).options(
-        num_cpus=cfg.rm.cpus_per_worker, num_gpus=cfg.rm.gpus_per_worker).remote(
+        num_cpus=train_cfg.cpus_per_worker, num_gpus=train_cfg.gpus_per_worker).remote(
         str(out / "final"), source, held_out, cfg.model.dtype))
     for name, row in accuracy["per_source"].items():
         row["train_pairs"] = trained_on.get(name, 0)
@@ -357,5 +387,5 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str]) -> dict:
     print("\n".join(table))
     summary = {**summarize_history(out / "history.jsonl"), "accuracy": accuracy["overall"], "model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    record_stage(cfg, "rm", argv, started, summary)
+    record_stage(cfg, stage, argv, started, summary)
     return summary

@@ -42,6 +42,8 @@ def main(argv: list[str]) -> dict:
     if cfg.eval.judge not in JUDGES:
         raise SystemExit(f"eval.judge={cfg.eval.judge!r}: {' or '.join(JUDGES)}")
     paths = [cfg.stage_model(name) for name in cfg.eval.models]  # says which stage to run first
+    if cfg.eval.judge == "reward_model" and {"qa", "safety"} & set(cfg.eval.families):
+        cfg.stage_model(cfg.eval.judge_reward_model)  # likewise, before the models answer
     init_ray(cfg)
     results = evaluate(cfg, paths)
     write_lineage(cfg, "eval", argv, started)

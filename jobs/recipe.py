@@ -21,10 +21,11 @@ import ray
 
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.lineage import git_commit, iso
+from clinicalgpt.reward_model import trains_judge
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo", "eval"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "ppo", "eval"]
 
 
 def main(argv: list[str]) -> None:
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> None:
     init_ray(cfg)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     timings = {}
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s != "judge" or trains_judge(cfg)]:
         print(f"\n===== {stage} =====", flush=True)
         started = time.time()
         done = subprocess.run([sys.executable, str(JOBS / f"{stage}.py"), *argv], env=env)
@@ -59,7 +60,7 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
     print(f"  records: {manifest['totals']['records']:,} ({', '.join(f'{k} {v:,}' for k, v in manifest['totals']['by_task'].items())})")
     print(f"  skipped input lines: {manifest['skipped_total']:,}; see {cfg.data_dir / 'manifest.md'}")
     print(f"  base model: {cfg.model_path}")
-    for stage in ("pretrain", "sft", "rm"):
+    for stage in [s for s in ("pretrain", "sft", "rm", "judge") if s in timings]:
         summary = json.loads((cfg.stage_dir(stage) / "summary.json").read_text())
         extra = f", pairwise accuracy {summary['accuracy']:.3f}" if "accuracy" in summary else ""
         print(f"  {stage}: {summary['steps']} steps, held-out loss {summary['first_eval_loss']:.3f} -> "
@@ -84,7 +85,7 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
         for pair, v in fam.get(family, {}).items():
             print(f"  eval {family} {pair}: win {v['win']:.2f} tie {v['tie']:.2f} lose {v['lose']:.2f}")
     print(f"  evaluation report: {cfg.stage_dir('eval') / 'report.md'}")
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s != "judge" or trains_judge(cfg)]:
         if (cfg.stage_dir(stage) / "curves.png").exists():
             print(f"  curves {stage:8s} {cfg.stage_dir(stage) / 'curves.png'}")
     print(f"  lineage (commit, config, versions): <stage>/lineage.json; the recipe's: {cfg.run_dir / 'recipe.json'}")

@@ -21,14 +21,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NR = "not recorded"
 # The recipe's stages in order, and the folder each writes its outputs to.
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo", "eval"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "ppo", "eval"]
 STAGE_DIRS = {"data": ["data"], "bootstrap": ["bootstrap", "base"], "pretrain": ["pretrain"], "sft": ["sft"],
-              "rm": ["rm"], "ppo": ["ppo"], "eval": ["eval"]}
+              "rm": ["rm"], "judge": ["judge"], "ppo": ["ppo"], "eval": ["eval"]}
 PHASES = {"generate_s": "step phase: generate (s)", "score_s": "step phase: score (s)",
           "train_s": "step phase: train (s)", "sync_s": "step phase: weight sync (s)", "step_s": "whole step (s)"}
-CURVES = ("pretrain", "sft", "rm", "ppo")  # the training stages, which plot their curves
+CURVES = ("pretrain", "sft", "rm", "judge", "ppo")  # the training stages, which plot their curves
 TITLES = {"data": "Data", "bootstrap": "Bootstrap (base model)", "pretrain": "Domain pretraining", "sft": "SFT",
-          "rm": "Reward model", "ppo": "PPO", "eval": "Clinical evaluation"}
+          "rm": "Reward model", "judge": "Judge (a second reward model, on the other half of the pairs)", "ppo": "PPO",
+          "eval": "Clinical evaluation"}
 
 
 def shown(path: Path) -> str:
@@ -248,14 +249,14 @@ class Page:
                 ["training tokens/s (mean)", num(s.get("mean_tokens_per_s"), 0)]]))
         self.provenance(stage)
 
-    def rm(self) -> None:
-        self.add("## Reward model", "")
-        s = self.run_file("rm/summary.json")
+    def reward_model(self, stage: str) -> None:
+        self.add(f"## {TITLES[stage]}", "")
+        s = self.run_file(f"{stage}/summary.json")
         if s:
             self.add(*table(["figure", "value"], [
                 ["optimizer steps", num(s.get("steps"))],
                 ["held-out loss, first → last", arrow(s.get("first_eval_loss"), s.get("last_eval_loss"))]]))
-        a = self.run_file("rm/accuracy.json")
+        a = self.run_file(f"{stage}/accuracy.json")
         if a:
             self.add("Held-out pairwise accuracy, with two baselines on the same pairs: the longer reply wins, "
                      "and the SFT model's own likelihood preference.", "")
@@ -270,7 +271,7 @@ class Page:
                 self.add(f"Length bias: score-length correlation {num(a['score_length_correlation'])} over every "
                          f"held-out reply; the longer reply of a pair scores higher in {num(a['prefers_longer'])} "
                          "of the pairs.", "")
-        self.provenance("rm")
+        self.provenance(stage)
 
     def ppo(self) -> None:
         self.add("## PPO", "")
@@ -326,8 +327,10 @@ class Page:
                     for m in models if (d := fam["diagnosis"].get(m))]
             self.add("**Diagnosis**", "", *table(["model", "accuracy", "average over disease groups"], rows))
         config = (self.lineage.get("eval") or {}).get("config")
-        judge = (config.get("eval") or {}).get("judge") if isinstance(config, dict) else None
-        judge = f"`eval.judge={judge}`" if judge else NR
+        settings = (config.get("eval") or {}) if isinstance(config, dict) else {}
+        judge = f"`eval.judge={settings['judge']}`" if settings.get("judge") else NR
+        if settings.get("judge") == "reward_model":
+            judge += f", `eval.judge_reward_model={settings.get('judge_reward_model', 'rm')}`"
         for family in ("qa", "safety"):
             if family in fam:
                 rows = [[pair, num(v.get("win"), 2), num(v.get("tie"), 2), num(v.get("lose"), 2), num(v.get("items"))]
@@ -349,7 +352,8 @@ class Page:
         self.bootstrap()
         for stage in ("pretrain", "sft"):
             self.causal(stage)
-        self.rm()
+        for stage in ("rm", "judge"):
+            self.reward_model(stage)
         self.ppo()
         self.evaluation()
         return "\n".join(self.lines).rstrip() + "\n"

@@ -79,13 +79,14 @@ def isolated_run(cfg, tmp_path: Path, shared=("data", "base")) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(built):
-    """Short pretrain, SFT and reward-model runs on the built data, once per session: (cfg, summaries)."""
-    from jobs import pretrain, rm, sft
+    """Short pretrain, SFT, reward-model and judge runs on the built data, once per session: (cfg, summaries)."""
+    from jobs import judge, pretrain, rm, sft
     cfg, _ = built
     argv = [f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}"]
     summaries = {"pretrain": pretrain.main(argv + stage_args("pretrain", 16, lr=3e-3)),
                  "sft": sft.main(argv + stage_args("sft", 2)),
-                 "rm": rm.main(argv + stage_args("rm", 4))}
+                 "rm": rm.main(argv + stage_args("rm", 4)),
+                 "judge": judge.main(argv + stage_args("rm", 2))}
     return cfg, summaries
 
 

@@ -65,10 +65,10 @@ def test_the_7b_presets_fit_80_gb_gpus(preset, cluster, tmp_path, capsys):
     assert result["problems"] == [] and json.loads((tmp_path / "plan.json").read_text()) == result
     assert f"fits: each stage's actors in GPU memory and on the cluster {cluster}" in capsys.readouterr().out
     stages = {a["stage"] for a in result["actors"]}
-    assert stages == {"pretrain", "sft", "rm", "ppo", "eval", "eval judge", "serve"}
+    assert stages == {"pretrain", "sft", "rm", "judge", "ppo", "eval", "eval judge", "serve"}
     for actor in result["actors"]:
         assert actor["gpus"] > 0 and actor["total_gb"] <= actor["budget_gb"], actor
-    assert set(result["drivers"]) == {"pretrain", "sft", "rm", "ppo", "eval", "serve"}
+    assert set(result["drivers"]) == {"pretrain", "sft", "rm", "judge", "ppo", "eval", "serve"}
 
 
 def test_the_reviewed_setting_needs_over_100_gb_and_is_refused():

@@ -134,6 +134,22 @@ def test_a_sources_training_share_keeps_that_share_of_its_pairs_by_a_stable_hash
         assert set(load_config([f"preset={preset}"]).rm.pair_fractions.values()) == {1.0}
 
 
+def test_the_judge_trains_on_the_other_half_of_the_pairs_with_the_next_seed():
+    pairs = pa.Table.from_pylist([{"prompt": f"问题{i}", "chosen": f"回答{i}", "rejected": f"错误回答{i}"}
+                                  for i in range(2000)])
+    first, second = (reward_model.in_half(pairs, h).to_pylist() for h in (1, 2))
+    assert 900 < len(first) < 1100 and len(first) + len(second) == 2000  # binomial sd 22
+    assert not {p["prompt"] for p in first} & {p["prompt"] for p in second}  # disjoint: every pair in one half
+    assert reward_model.in_half(pairs, 1).to_pylist() == first  # the same halves each run, whatever the seed
+
+    cfg = load_config([])
+    rm, judge = reward_model.stage_config(cfg, "rm"), reward_model.stage_config(cfg, "judge")
+    assert (rm.pair_half, rm.seed) == (1, 0) and (judge.pair_half, judge.seed) == (2, 1)
+    assert (judge.lr, judge.max_steps, judge.pair_fractions) == (rm.lr, rm.max_steps, rm.pair_fractions)
+    with pytest.raises(SystemExit, match="rm.pair_half to 1 or 2"):
+        reward_model.stage_config(load_config(["rm.pair_half=0"]), "judge")
+
+
 def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
     rng = np.random.default_rng(0)
     lengths = rng.permutation([5] * 16 + [200] * 16)  # KG-sized and preference-sized pairs, mixed

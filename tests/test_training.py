@@ -40,9 +40,9 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
             "pulse_eval/WebMedQA"} <= set(accuracy["per_source"])
     assert sum(v["pairs"] for v in accuracy["per_source"].values()) == accuracy["pairs"]
     # What it trained on, per source: a twentieth of each constructed kind is held out, so about 19 training
-    # pairs per held-out pair, times the source's share (rm.pair_fractions).
+    # pairs per held-out pair, times the source's share (rm.pair_fractions), of the reward model's half of them.
     for source in ("constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option"):
-        row, share = accuracy["per_source"][source], cfg.rm.pair_fractions.get(source, 1.0)
+        row, share = accuracy["per_source"][source], cfg.rm.pair_fractions.get(source, 1.0) / 2
         assert 0.5 < row["train_pairs"] / (19 * share * row["pairs"]) < 2, (source, row, share)
     assert all(0 <= row["base_likelihood"] <= 1 for row in accuracy["per_source"].values())
     table = (cfg.stage_dir("rm") / "accuracy.md").read_text()
@@ -51,6 +51,13 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     assert "Length bias: the score's correlation with the reply's length" in table
     scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
+
+    # The evaluation's judge: the other half of the training pairs, measured on the same held-out pairs.
+    judge = json.loads((cfg.stage_dir("judge") / "accuracy.json").read_text())
+    assert summaries["judge"]["accuracy"] == judge["overall"] and judge["pairs"] == accuracy["pairs"]
+    trained_on = [sum(row["train_pairs"] for row in a["per_source"].values()) for a in (accuracy, judge)]
+    assert 0.85 < trained_on[1] / trained_on[0] < 1.15, trained_on  # about as many pairs as the reward model
+    assert AutoModelForSequenceClassification.from_pretrained(summaries["judge"]["model"]).config.num_labels == 1
 
 
 def train_workers() -> list[psutil.Process]:

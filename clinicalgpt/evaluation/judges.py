@@ -4,6 +4,7 @@ endpoint. Each gives a verdict per item from the first system's side: 1 better, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,12 +20,13 @@ from .metrics import combine_verdicts
 
 
 class RewardModelJudge:
-    """The project's reward model as the judge: each answer scored on its own, so order cannot bias it."""
+    """A reward model as the judge (the judge stage's, trained apart from the one PPO optimised): each answer
+    scored on its own, so order cannot bias it."""
 
     def __init__(self, cfg: Config):
-        path = cfg.stage_dir("rm") / "final"
+        path = Path(cfg.stage_model(cfg.eval.judge_reward_model))
         if not (path / "config.json").exists():
-            raise SystemExit(f"no reward model at {path} for eval.judge=reward_model: run jobs/rm.py first, "
+            raise SystemExit(f"no reward model at {path} for eval.judge=reward_model: run jobs/judge.py first, "
                              "or use eval.judge=openai")
         self.cfg, self.tok = cfg, load_tokenizer(str(path), cfg.model.chat_template)
         self.actors, self.group = role_actors(RewardActor, cfg.eval.reward_model, "judge", lambda i: (
