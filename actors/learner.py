@@ -16,9 +16,9 @@ import torch
 from clinicalgpt import rl
 from clinicalgpt.config import Config
 from clinicalgpt.experience import by_length, length_grouped_minibatches, response_logprobs, take_rows, token_values
-from clinicalgpt.modeling import pushed_tensors, trained_weights
-from clinicalgpt.trainer import (apply_lora, causal_lm_loss, export_hf, load_trained_state, save_trained_state,
-                                 zero2_config)
+from clinicalgpt.modeling import (apply_lora, enable_gradient_checkpointing, pushed_tensors, trained_weights,
+                                  without_dropout)
+from clinicalgpt.trainer import causal_lm_loss, export_hf, load_trained_state, save_trained_state, zero2_config
 
 
 class PolicySource:
@@ -61,6 +61,8 @@ class LearnerRank:
         micro = ppo.minibatch // self.world
         torch.manual_seed(ppo.seed)
         policy = apply_lora(load_model(policy_path, self.cfg.model.dtype), ppo.lora)
+        if ppo.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
         self.policy, *_ = deepspeed.initialize(
             model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
             config=zero2_config(micro, 1, ppo.lr, 0.0, ppo.grad_clip, ppo.bf16))
@@ -72,13 +74,14 @@ class LearnerRank:
                 torch.nn.init.zeros_(critic.score.weight)
             critic.config.pad_token_id = policy.config.pad_token_id
             critic = apply_lora(critic, ppo.lora, task_type="SEQ_CLS")
+            if ppo.gradient_checkpointing:
+                enable_gradient_checkpointing(critic)
             self.critic, *_ = deepspeed.initialize(
                 model=critic, model_parameters=[p for p in critic.parameters() if p.requires_grad],
                 config=zero2_config(micro, 1, ppo.critic_lr, 0.0, ppo.grad_clip, ppo.bf16))
-        # Dropout off throughout: the PPO ratio must be exactly 1 before the first update.
-        self.policy.eval()
+        without_dropout(self.policy, ppo.gradient_checkpointing)
         if self.critic is not None:
-            self.critic.eval()
+            without_dropout(self.critic, ppo.gradient_checkpointing)
 
     def logprobs_and_values(self, batch: dict, temperature: float) -> dict[str, np.ndarray]:
         """The rollout policy's own log-probs (at the sampling temperature; 0: greedy) and the critic's values

@@ -35,12 +35,11 @@ from trl import SFTConfig, SFTTrainer
 
 from clinicalgpt.config import Config, load_config
 from clinicalgpt.corpus import read_records
-from clinicalgpt.modeling import load_model
+from clinicalgpt.modeling import apply_lora, load_model
 from clinicalgpt.packing import keep_sampled, tokenize_chats
 from clinicalgpt.runtime import init_ray
 from clinicalgpt.stages import CORPUS_TASKS, run_causal_stage
 from clinicalgpt.tokenizer import CHATML_TEMPLATE, load_tokenizer
-from clinicalgpt.trainer import apply_lora
 
 TARGET = 1.5
 

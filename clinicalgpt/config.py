@@ -224,6 +224,8 @@ class PPOConfig:
     value_clip: float = 0.2
     grad_clip: float = 1.0
     bf16: bool = False
+    # The learners' policy and critic recompute each layer's activations in the backward pass (docs/sizing.md).
+    gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     rollout: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=1.0))
     reference: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=0.25))

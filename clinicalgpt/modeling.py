@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .config import ModelConfig
+from .config import LoraSettings, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,3 +84,32 @@ def trained_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
                 yield name, weight.detach()
             else:
                 yield name, weight.detach() + sum(lora.get_delta_weight(a).to(weight.dtype) for a in lora.active_adapters)
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.targets), task_type=task_type))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each layer's input and recompute the rest in the backward pass (docs/sizing.md). transformers
+    also makes the embeddings' output require grad (enable_input_require_grads), without which a LoRA model's
+    frozen embeddings would cut the gradient off from the checkpointed layers. The KV cache is off already:
+    every training forward passes use_cache=False (setting it in the config would be exported with the model)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def without_dropout(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """Dropout off, as PPO needs (its ratio must be exactly 1 before the first update). transformers recomputes
+    activations only in train mode, so under gradient checkpointing the model stays in train mode with every
+    dropout module's p at 0 (dropout applied functionally follows the model's config: 0 in the presets' models)."""
+    if not gradient_checkpointing:
+        model.eval()
+        return
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

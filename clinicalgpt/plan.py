@@ -11,9 +11,11 @@ w bytes a weight or activation (2 in bf16); docs/sizing.md works the numbers thr
   activations   L x s b h (34 + 5 a s / h) x w/2 (Korthikanti et al. 2022; eager attention, nothing
                 recomputed); with gradient checkpointing L x s b h w (each layer's input) plus one layer's
                 full set; a forward pass without gradients: one layer's full set
-  logits        b x (positions scored) x V x (w + 8): the model's logits, their fp32 copy, its log-softmax
+  logits        b x (positions scored) x V x (w + 8): the model's logits, their fp32 copy, its log-softmax; the
+                PPO learner's x (w + 16): also the copy at the sampling temperature, the softmax for the entropy
+                and the gradients (measured on an H200: bench/gpu_learner_memory.py, docs/sizing.md)
   kv_cache      a vLLM engine: what its memory_fraction of the GPU leaves after its weights and runtime
-  runtime       RUNTIME_GB per GPU process: CUDA context, NCCL and DeepSpeed buffers, allocator slack
+  runtime       RUNTIME_GB per GPU process: CUDA context, NCCL and DeepSpeed buffers, the allocator's slack
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from . import rl
 from .config import Config, EngineConfig, LoraSettings, RoleConfig
-from .modeling import pushed_tensors
+from .modeling import apply_lora, pushed_tensors
 from .reward_functions import parse_reward
 from .reward_model import stage_config, trains_judge
 from .runtime import device_env
-from .trainer import ZERO_STAGE, apply_lora, scaling_config
+from .trainer import ZERO_STAGE, scaling_config
 
 GB = 1e9
-RUNTIME_GB = 2.0  # a rough allowance, not a measurement: no GPU has run this project yet
+# Measured on an H200 (bench/gpu_learner_memory.py): a CUDA context and workspaces of 0.8 GB, and PyTorch's caching
+# allocator reserving 0.9-2.8 GB over its peak allocation; NCCL's and DeepSpeed's buffers come on top, unmeasured.
+RUNTIME_GB = 4.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The config.json fields the plan reads of the presets' hub models: a plan needs neither a download nor the hub.
 KNOWN_MODELS = {
@@ -185,8 +189,8 @@ class Model:
             return self.layers * tokens * rows * self.hidden * w + self.layer_activations(rows, tokens, w)
         return self.layers * self.layer_activations(rows, tokens, w)
 
-    def logits(self, rows: int, positions: int, w: int) -> float:
-        return rows * positions * self.config.vocab_size * (w + 8)
+    def logits(self, rows: int, positions: int, w: int, learner: bool = False) -> float:
+        return rows * positions * self.config.vocab_size * (w + (16 if learner else 8))
 
 
 def model_config(cfg: Config) -> PretrainedConfig:
@@ -283,10 +287,11 @@ def ppo_actors(cfg: Config, model: Model, cluster: Cluster) -> list[Actor]:
         trained.append(model.parameters(True, ppo.lora))
     trainable = sum(c["trainable"] for c in trained)
     memory = {"weights": sum(c["all"] for c in trained) * w, "gradients": trainable * w / role.num,
-              "optimizer": trainable * 12 / role.num, "activations": model.activations(rows, tokens, w, False),
-              "logits": model.logits(rows, positions, w), "runtime": runtime(role.gpus)}
+              "optimizer": trainable * 12 / role.num,
+              "activations": model.activations(rows, tokens, w, ppo.gradient_checkpointing),
+              "logits": model.logits(rows, positions, w, learner=True), "runtime": runtime(role.gpus)}
     actors.append(Actor("ppo", "learner", role.num, role.cpus, role.gpus, dtype, in_gb(memory),
-                        cluster.budget_gb(role.gpus), ZERO_STAGE, False, device_env(role.gpus),
+                        cluster.budget_gb(role.gpus), ZERO_STAGE, ppo.gradient_checkpointing, device_env(role.gpus),
                         f"{'policy and critic' if len(trained) == 2 else 'policy'}; micro-batch {rows} x {tokens} tokens"))
     return actors
 

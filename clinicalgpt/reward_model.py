@@ -20,9 +20,9 @@ import torch
 
 from .config import Config, TrainConfig
 from .kg_templates import render_qa
-from .modeling import DTYPES
+from .modeling import DTYPES, apply_lora
 from .records import hash_fraction
-from .trainer import Task, apply_lora, export_hf
+from .trainer import Task, export_hf
 
 CONSTRUCTED_TEST_FRACTION = 0.05
 # Shares of KG records (250k) turned into each kind of swap pair and of exam records (9k) turned into wrong

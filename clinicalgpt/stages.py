@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, TrainConfig
-from .modeling import load_model
-from .trainer import Task, apply_lora, causal_lm_loss, export_hf
+from .modeling import apply_lora, load_model
+from .trainer import Task, causal_lm_loss, export_hf
 
 # Tasks whose text teaches the model medicine: everything with a training split except preference pairs.
 CORPUS_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]

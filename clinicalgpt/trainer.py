@@ -25,7 +25,8 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .config import Config, LoraSettings, TrainConfig
+from .config import Config, TrainConfig
+from .modeling import enable_gradient_checkpointing
 from .runtime import device_env
 
 CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
@@ -52,14 +53,6 @@ class Task:
         raise NotImplementedError
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    if not lora.enabled:
-        return model
-    from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=list(lora.targets), task_type=task_type))
-
-
 def export_hf(model: torch.nn.Module, cfg: Config, out: Path, adapter_dir: Path | None = None) -> None:
     """Save a trained model in Hugging Face format with the tokenizer; a PEFT model is merged first
     (its adapter saved to adapter_dir when given), as vLLM's BLOOM takes no LoRA."""
@@ -82,14 +75,6 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100)
     return loss, {}, int(batch["num_tokens"].sum()) if "num_tokens" in batch else labels.numel()
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Keep only each layer's input and recompute the rest in the backward pass (docs/sizing.md). transformers
-    also makes the embeddings' output require grad (enable_input_require_grads), without which a LoRA model's
-    frozen embeddings would cut the gradient off from the checkpointed layers. The KV cache is off already:
-    every training forward passes use_cache=False (setting it in the config would be exported with the model)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def model_takes_positions(model) -> bool:

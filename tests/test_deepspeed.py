@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from clinicalgpt.config import LoraSettings
-from clinicalgpt.trainer import (apply_lora, causal_lm_loss, enable_gradient_checkpointing, load_trained_state,
-                                 save_trained_state, zero2_config)
+from clinicalgpt.modeling import apply_lora, enable_gradient_checkpointing
+from clinicalgpt.trainer import causal_lm_loss, load_trained_state, save_trained_state, zero2_config
 from conftest import free_ports
 
 

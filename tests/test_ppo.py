@@ -119,8 +119,10 @@ def grpo_roles(trained, request):
     from clinicalgpt.rlhf.roles import start_roles
     cfg, _ = trained
     # LoRA on part of a layer vLLM fuses (q of qkv, gate of gate_up): a push must still set those layers whole.
+    # Recomputed activations (train mode, dropout off): the learner's log-probs must still match the engine's.
     cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL_PPO, "ppo.advantage=grpo",
-                       "ppo.lora.targets=[q_proj,gate_proj]", "ppo.ptx_coef=0.5", *request.param])
+                       "ppo.lora.targets=[q_proj,gate_proj]", "ppo.ptx_coef=0.5", "ppo.gradient_checkpointing=true",
+                       *request.param])
     policy = str(cfg.stage_dir("sft") / "final")
     roles = start_roles(cfg, policy, policy, critic=None)
     stream = PromptStream(cfg)

@@ -202,7 +202,7 @@ def test_each_presets_lora_targets_exist_in_its_architecture(preset, arch):
     from clinicalgpt.config import ModelConfig
     from clinicalgpt.modeling import build_model
     from clinicalgpt.tokenizer import train_tokenizer
-    from clinicalgpt.trainer import apply_lora
+    from clinicalgpt.modeling import apply_lora
     cfg = load_config([f"preset={preset}"])
     tok = train_tokenizer(["高血压患者可以吃党参吗？"] * 10, vocab_size=300)
     for lora in (cfg.sft.lora, cfg.ppo.lora):

@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from actors.learner import PolicySource
 from actors.rollout import weight_chunks
 from clinicalgpt.config import LoraSettings, load_config
-from clinicalgpt.modeling import trained_weights
-from clinicalgpt.trainer import apply_lora
+from clinicalgpt.modeling import apply_lora, trained_weights
 
 
 def lora_policy(targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> torch.nn.Module:
