@@ -185,9 +185,9 @@ def chart(table: dict, sft: dict, out: Path) -> None:
                color="tab:blue", capsize=3)
         if key in sft:
             ax.axhline(sft[key], color="tab:red", linestyle="--", label="SFT")
+            ax.legend(fontsize=7)
         ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
         ax.set_title(METRICS[key], fontsize=8)
-    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
