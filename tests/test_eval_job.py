@@ -23,7 +23,7 @@ def eval_args(run_root, cfg, *extra: str) -> list[str]:
 def test_eval_compares_models_on_every_family_and_writes_the_report(trained, tmp_path, capsys):
     from jobs import eval as evaluation
     cfg, _ = trained
-    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "pretrain", "sft", "rm"))
+    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "pretrain", "sft", "judge"))
     results = evaluation.main(eval_args(run_root, cfg))
     out = load_config([f"run_root={run_root}"]).stage_dir("eval")
 
@@ -75,8 +75,10 @@ def test_eval_compares_models_on_every_family_and_writes_the_report(trained, tmp
 def test_eval_says_what_to_run_first_and_refuses_unknown_families(trained, tmp_path):
     from jobs import eval as evaluation
     cfg, _ = trained
-    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft"))
+    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "pretrain", "sft"))
     with pytest.raises(SystemExit, match=r"no ppo model .* run python jobs/ppo.py"):
         evaluation.main(eval_args(run_root, cfg, "eval.models=[sft,ppo]"))
+    with pytest.raises(SystemExit, match=r"no judge model .* run python jobs/judge.py"):  # before any model answers
+        evaluation.main(eval_args(run_root, cfg, "eval.models=[pretrain,sft]"))
     with pytest.raises(SystemExit, match="unknown 'radiology'"):
         evaluation.main(eval_args(run_root, cfg, "eval.models=[sft]", "eval.families=[radiology]"))
