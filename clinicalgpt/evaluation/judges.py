@@ -4,8 +4,8 @@ endpoint. Each gives a verdict per item from the first system's side: 1 better, 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import ray

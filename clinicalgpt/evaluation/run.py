@@ -33,7 +33,7 @@ def evaluate(cfg: Config, paths: list[str]) -> dict:
     finally:
         engines.close()
 
-    categorizer = exam_categorizer(cfg)
+    categorizer = exam_categorizer(cfg) if {"exam", "diagnosis"} & set(items) else None  # reads the KGs
     families, scores = score_families(cfg, names, items, answers, categorizer)
     results = {"models": names, "paths": paths, "items": {f: len(r) for f, r in items.items()},
                "skipped_long": skipped, "families": families, "health": score_health(names, items, answers, categorizer),
