@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import pickle
 import time
@@ -54,10 +55,17 @@ def weight_chunks(weights: dict[str, torch.Tensor], max_bytes: int) -> Iterator[
         yield chunk
 
 
-def _reload_weights(worker, blob: bytes) -> None:
-    """Runs inside vLLM's worker: load Hugging Face-named weights in place (vLLM fuses qkv etc. itself).
-    The weights travel pickled: vLLM's msgpack turns tensors nested in a dict into lists."""
-    worker.reload_weights(weights_iterator=iter(pickle.loads(blob).items()))
+def _reload_weights(worker, blob: bytes | None = None, path: str | None = None) -> None:
+    """Runs inside vLLM's worker: load Hugging Face-named weights in place (vLLM fuses qkv etc. itself), from
+    `blob` (pickled: vLLM's msgpack turns tensors nested in a dict into lists) or a model folder. A push of the
+    layers LoRA changed leaves the others as they are, and a folder has no weights for rotary embeddings or a
+    tied head, which vLLM's in-place reload reports as a warning per layer and load: silenced (the e2e tests
+    check that the engine then decodes exactly like the learner, and like a model loaded afresh)."""
+    logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+    if path is not None:
+        worker.reload_weights(weights_path=path)
+    else:
+        worker.reload_weights(weights_iterator=iter(pickle.loads(blob).items()))
 
 
 @ray.remote
@@ -181,7 +189,7 @@ class RolloutActor:
         """Take another model's weights, read from its folder, in place of the current ones: for a model
         of the same architecture and generation config (the caller checks), instead of a new engine."""
         if self.uses_vllm:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            self.llm.collective_rpc(_reload_weights, kwargs={"path": model_path})
             self.llm.reset_prefix_cache()
         else:
             from clinicalgpt.modeling import load_model

@@ -219,7 +219,8 @@ class PPOConfig:
     tis_cap: float = 2.0
     # PPO-ptx (InstructGPT): each policy update adds ptx_coef x the language-model loss of ptx_micro_batch packed
     # rows of the SFT stage's training stream, so the policy keeps its SFT skills (the alignment tax); 0 = off.
-    ptx_coef: float = 0.0
+    # 0.5: the best of docs/ablation.md's arms on the tiny preset (the 7B presets keep it off: never run there).
+    ptx_coef: float = 0.5
     ptx_micro_batch: int = 1
     value_clip: float = 0.2
     grad_clip: float = 1.0

@@ -150,10 +150,15 @@ class Page:
         self.lines: list[str] = []
 
     def stage_seconds(self, stage: str):
-        stages = (self.recipe or {}).get("stages") or {}
-        if isinstance(stages.get(stage), (int, float)):
+        """The recipe's time for the stage, unless the stage was rerun alone after the recipe: then its own."""
+        stages, info = (self.recipe or {}).get("stages") or {}, self.lineage.get(stage) or {}
+        if isinstance(stages.get(stage), (int, float)) and not self.rerun_alone(stage):
             return stages[stage]
-        return (self.lineage.get(stage) or {}).get("seconds")
+        return info.get("seconds")
+
+    def rerun_alone(self, stage: str) -> bool:
+        started, finished = (self.lineage.get(stage) or {}).get("started"), (self.recipe or {}).get("finished")
+        return bool(started and finished) and str(started) > str(finished)  # ISO times in UTC compare as text
 
     def curves(self, stage: str) -> str:
         """Copy the stage's curves.png beside the page and return a link to the copy."""
@@ -205,7 +210,8 @@ class Page:
         rows = []
         for stage in STAGES + extra:
             info = self.lineage.get(stage) or {}
-            rows.append([stage, seconds(self.stage_seconds(stage)), when(info.get("started")) if info else NR,
+            rerun = " (rerun alone, after the recipe)" if self.rerun_alone(stage) else ""
+            rows.append([stage, seconds(self.stage_seconds(stage)) + rerun, when(info.get("started")) if info else NR,
                          machine(info.get("machine")), commit(info or None)])
         self.add("## Stages", "", *table(["stage", "time", "date", "machine", "commit"], rows))
 

@@ -50,7 +50,7 @@ def test_results_page_from_a_run_folder(tmp_path):
     run = tmp_path / "runs" / "tiny"
     write(run / "recipe.json", {"command": "scripts/recipe.sh preset=tiny", "commit": "abcdef1234567890",
                                 "started": "2026-12-05T08:00:00+00:00", "finished": "2026-12-05T08:50:00+00:00",
-                                "seconds": 3001.0, "stages": {"pretrain": 554.4, "sft": 303.0}})
+                                "seconds": 3001.0, "stages": {"pretrain": 554.4, "sft": 303.0, "ppo": 270.3}})
     write(run / "pretrain" / "summary.json", {"steps": 120, "first_eval_loss": 9.0471, "last_eval_loss": 6.5379,
                                               "mean_tokens_per_s": 2263.2})
     write(run / "pretrain" / "lineage.json", {
@@ -60,6 +60,9 @@ def test_results_page_from_a_run_folder(tmp_path):
                                     "gpus": []},
         "started": "2026-12-05T08:05:00+00:00", "finished": "2026-12-05T08:14:14+00:00", "seconds": 554.4})
     (run / "pretrain" / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    # PPO rerun alone after the recipe finished (e.g. with new settings): its own time, said so.
+    write(run / "ppo" / "lineage.json", {"stage": "ppo", "command": "python jobs/ppo.py", "commit": "fedcba9876543210",
+                                         "started": "2026-12-05T09:10:00+00:00", "seconds": 261.2})
     write(run / "rm" / "accuracy.json", {"overall": 0.6492, "length_baseline": 0.5262, "base_likelihood": 0.5097,
                                          "pairs": 667, "per_source": {"constructed/kg_swap": {
                                              "accuracy": 0.5526, "length_baseline": 0.4956,
@@ -80,6 +83,7 @@ def test_results_page_from_a_run_folder(tmp_path):
                    "0.649", "0.526", "0.510", "`constructed/kg_swap`", "0.553", "-1.167 → -0.336",
                    "-0.602 → 0.069", "4.75", "5.66", "0.182", "0.172", "ppo vs sft", "0.50"):
         assert figure in page, figure
+    assert "| ppo | 261 s (rerun alone, after the recipe) |" in page and "| sft | 303 s |" in page
     assert "[curves.png](results/pretrain-curves.png)" in page
     assert (tmp_path / "docs" / "results" / "pretrain-curves.png").exists()
     # What the run did not write is said so, not guessed: no data manifest, no SFT summary, no lineage.

@@ -40,7 +40,8 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
         ray.kill(ray.get_actor("learner-1"))  # as if its process or node died, during step 5
 
     threading.Thread(target=kill_a_learner_after_step_4, daemon=True).start()
-    summary = ppo.main(ppo_args(run_root, cfg, 20, "ppo.checkpoint_every=3"))
+    # PPO alone (ptx off): the rule reward's learning, without PPO-ptx's pull towards the SFT corpus (tested below).
+    summary = ppo.main(ppo_args(run_root, cfg, 20, "ppo.checkpoint_every=3", "ppo.ptx_coef=0"))
     out = capsys.readouterr().out
     assert killed and "restarting the roles from the last checkpoint" in out, out[-3000:]
     assert "resumed from step_000003: step 3" in out
@@ -75,7 +76,7 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
     assert (run.stage_dir("ppo") / "adapter" / "adapter_config.json").exists()
 
     # A rerun with a larger budget resumes from the step-20 checkpoint instead of starting over.
-    ppo.main(ppo_args(run_root, cfg, 22))
+    ppo.main(ppo_args(run_root, cfg, 22, "ppo.ptx_coef=0"))
     steps = [r["step"] for r in history(run, "ppo") if "reward" in r]
     assert steps == [1, 2, 3, 4, *range(4, 23)], steps
 
