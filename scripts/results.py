@@ -151,10 +151,10 @@ class Page:
 
     def stage_seconds(self, stage: str):
         """The recipe's time for the stage, unless the stage was rerun alone after the recipe: then its own."""
-        stages, info = (self.recipe or {}).get("stages") or {}, self.lineage.get(stage) or {}
+        stages = (self.recipe or {}).get("stages") or {}
         if isinstance(stages.get(stage), (int, float)) and not self.rerun_alone(stage):
             return stages[stage]
-        return info.get("seconds")
+        return (self.lineage.get(stage) or {}).get("seconds")
 
     def rerun_alone(self, stage: str) -> bool:
         started, finished = (self.lineage.get(stage) or {}).get("started"), (self.recipe or {}).get("finished")
