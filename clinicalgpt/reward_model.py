@@ -275,48 +275,51 @@ def length_bias(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
             "prefers_longer": float(higher[unequal].mean()) if unequal.any() else 0.5}
 
 
-def pairwise_accuracy(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray], dtype: str,
-                      batch_size: int = 32) -> dict:
-    """Held-out pairwise accuracy of tokenized pairs, overall and per source (the chosen reply must score
-    higher), beside two baselines (ties count half): the longer reply wins, the shortcut an AI-judged corpus
-    invites; and the reply the base model (the SFT model the RM starts from) finds more likely per token,
-    which is what that model already knows: a factual-error pair it prefers at chance is a fact it does not
-    hold. Loads both models: run_reward_stage runs it as a Ray task on the stage's worker resources."""
+def pair_scores(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray], dtype: str,
+                batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Per pair of tokenized pairs, for pairwise_accuracy: the reward model's score of each reply, the mean
+    log-prob per token the base model (the SFT model the RM starts from) gives it, and each reply's length
+    (tokens: whole row, and reply). Loads both models: run_reward_stage runs it as Ray tasks on the stage's
+    worker resources."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from .tokenizer import load_tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype]).to(device).eval()
     pad = load_tokenizer(model_dir).pad_token_id
-    per_source = defaultdict(lambda: ([], [], []))  # source -> (model correct, longer reply, base model's preference)
-    chosen, rejected = [], []  # (score, reply tokens) of each pair's replies
+    out = {k: np.zeros((len(pairs["chosen_ids"]), 2)) for k in ("score", "liked", "row_len", "reply_len")}
     # Scored in order of length, so that a batch holds pairs of about one length and scores() trims most padding.
     lengths = np.maximum((pairs["chosen_ids"] != pad).sum(1), (pairs["rejected_ids"] != pad).sum(1))
     order = np.argsort(lengths, kind="stable")
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            batch = {k: v[order[start:start + batch_size]] for k, v in pairs.items()}
-            n = len(batch["chosen_ids"])
-            both = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
-            ids = torch.as_tensor(both)
-            r = scores(model, ids.to(device), pad).cpu()
-            lengths = (ids != pad).sum(1)
-            longer = (torch.sign(lengths[:n] - lengths[n:]) + 1) / 2
-            reply_lens = np.concatenate([batch["chosen_reply_len"], batch["rejected_reply_len"]])
-            liked = reply_likelihood(base, both, reply_lens, pad, device)
-            likes = (np.sign(liked[:n] - liked[n:]) + 1) / 2
-            chosen += zip(r[:n].tolist(), reply_lens[:n].tolist())
-            rejected += zip(r[n:].tolist(), reply_lens[n:].tolist())
-            for i, (source, ok) in enumerate(zip(batch["source"], (r[:n] > r[n:]).tolist())):
-                for column, value in zip(per_source[source], (ok, longer[i].item(), float(likes[i]))):
-                    column.append(value)
-    everything = [sum((v[i] for v in per_source.values()), []) for i in (0, 1, 2)]
-    return {"overall": float(np.mean(everything[0])), "length_baseline": float(np.mean(everything[1])),
-            "base_likelihood": float(np.mean(everything[2])), "pairs": len(everything[0]),
-            **length_bias(np.array(chosen), np.array(rejected)),
-            "per_source": {s: {"accuracy": float(np.mean(ok)), "length_baseline": float(np.mean(longer)),
-                               "base_likelihood": float(np.mean(likes)), "pairs": len(ok)}
-                           for s, (ok, longer, likes) in sorted(per_source.items())}}
+            rows = order[start:start + batch_size]
+            n = len(rows)
+            both = np.concatenate([pairs["chosen_ids"][rows], pairs["rejected_ids"][rows]])
+            reply_lens = np.concatenate([pairs["chosen_reply_len"][rows], pairs["rejected_reply_len"][rows]])
+            columns = {"score": scores(model, torch.as_tensor(both).to(device), pad).cpu().numpy(),
+                       "liked": reply_likelihood(base, both, reply_lens, pad, device),
+                       "row_len": (both != pad).sum(1), "reply_len": reply_lens}
+            for k, v in columns.items():
+                out[k][rows] = np.stack([v[:n], v[n:]], axis=1)  # column 0: chosen, 1: rejected
+    return out
+
+
+def pairwise_accuracy(scored: dict[str, np.ndarray], sources: np.ndarray) -> dict:
+    """Held-out pairwise accuracy from pair_scores, overall and per source (the chosen reply must score higher),
+    beside two baselines (ties count half): the longer reply wins, the shortcut an AI-judged corpus invites;
+    and the reply the base model finds more likely per token, which is what that model already knows: a
+    factual-error pair it prefers at chance is a fact it does not hold."""
+    def wins(column: str) -> np.ndarray:  # 1 when the chosen reply's value is higher, 0.5 on a tie
+        return (np.sign(scored[column][:, 0] - scored[column][:, 1]) + 1) / 2
+    columns = {"accuracy": (scored["score"][:, 0] > scored["score"][:, 1]).astype(float),
+               "length_baseline": wins("row_len"), "base_likelihood": wins("liked")}
+    by_reply = [np.stack([scored["score"][:, i], scored["reply_len"][:, i]], axis=1) for i in (0, 1)]
+    return {"overall": float(columns["accuracy"].mean()), "length_baseline": float(columns["length_baseline"].mean()),
+            "base_likelihood": float(columns["base_likelihood"].mean()), "pairs": len(sources),
+            **length_bias(*by_reply),
+            "per_source": {s: {**{k: float(v[sources == s].mean()) for k, v in columns.items()},
+                               "pairs": int((sources == s).sum())} for s in sorted(set(sources))}}
 
 
 def accuracy_table(accuracy: dict, trained_on: Counter) -> list[str]:
@@ -372,13 +375,19 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     if result.error:
         raise SystemExit(f"[{stage}] training failed: {result.error}")
 
-    # Two models at once, in the stage's dtype, on a training worker's resources (a GPU on the real presets),
-    # not in the driver; the pairs are tokenized by Ray Data here and travel through the object store.
+    # Two models at once, in the stage's dtype, on each training worker's resources (a GPU on the real presets),
+    # now free, each scoring a share of the pairs; not in the driver. The pairs are tokenized by Ray Data here
+    # and travel through the object store.
     tokenized = list(tokenized_pairs(cfg, test).iter_batches(batch_size=None, batch_format="numpy"))
     held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
-    accuracy = ray.get(ray.remote(pairwise_accuracy).options(
-        num_cpus=train_cfg.cpus_per_worker, num_gpus=train_cfg.gpus_per_worker).remote(
-        str(out / "final"), source, held_out, cfg.model.dtype))
+    lengths = (held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1)
+    shards = [np.argsort(lengths, kind="stable")[i::train_cfg.num_workers] for i in range(train_cfg.num_workers)]  # even work
+    order = np.concatenate(shards)
+    task = ray.remote(pair_scores).options(num_cpus=train_cfg.cpus_per_worker, num_gpus=train_cfg.gpus_per_worker)
+    scored = ray.get([task.remote(str(out / "final"), source, {k: v[rows] for k, v in held_out.items() if k != "source"},
+                                  cfg.model.dtype) for rows in shards])
+    accuracy = pairwise_accuracy({k: np.concatenate([s[k] for s in scored]) for k in scored[0]},
+                                 held_out["source"][order])
     for name, row in accuracy["per_source"].items():
         row["train_pairs"] = trained_on.get(name, 0)
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))

@@ -70,6 +70,7 @@ def test_the_driver_passes_ray_init_no_variable_the_submitted_job_sets(monkeypat
     assert _merge_runtime_env(job, {"env_vars": JOB_ENV}) is None  # what passing all of JOB_ENV would hit
 
 
+@pytest.mark.integration
 def test_every_role_actor_and_training_worker_is_placed_with_its_gpus_and_environment():
     with tempfile.TemporaryDirectory() as out:
         done = subprocess.run([sys.executable, __file__, out], capture_output=True, text=True, timeout=300, cwd=REPO,

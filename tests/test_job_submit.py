@@ -1,7 +1,7 @@
 """Jobs as users run them on a cluster: `ray job submit --working-dir . -- python jobs/<stage>.py` against a
 head started with `ray start --head` (token authentication on, as Ray 2.60 starts it), for a training
-stage (Ray Train inside the job), resuming a run that was interrupted, and for PPO with the reward model
-(its Ray actor roles inside the job)."""
+stage (Ray Train inside the job), resuming a run that was interrupted, and for PPO with a user's reward
+function (its Ray actor roles inside the job)."""
 
 import json
 import os
@@ -80,21 +80,21 @@ def test_an_interrupted_stage_resumes_under_ray_job_submit_on_fewer_workers(buil
     assert f"resumed from step {resumed_at - 1} on 1 worker(s) (saved by 2" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("reward", ["model", "python:tests.user_rewards:answer_length"])
-def test_ppo_runs_under_ray_job_submit(trained, tmp_path, ray_head, reward):
-    """With the reward model (it and the critic load from rm/final), and with a user's Python function,
-    imported inside the reward actor from the job's working directory and configured by an environment
-    variable of the submitted runtime env, which also sets variables the job itself sets (Ray refuses
-    conflicting keys between the two: the job must not pass them again)."""
+def test_ppo_runs_under_ray_job_submit_with_a_users_reward_function(trained, tmp_path, ray_head):
+    """With a user's Python function, imported inside the reward actor from the job's working directory and
+    configured by an environment variable of the submitted runtime env, which also sets variables the job
+    itself sets (Ray refuses conflicting keys between the two: the job must not pass them again). The reward
+    model as the reward: tests/test_ppo.py's roles."""
     cfg, _ = trained
-    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft", "rm"))
+    run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft"))
+    reward = "python:tests.user_rewards:answer_length"
     user_env = {"env_vars": {"ANSWER_CHARS": "10000", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     out = submit_job(ray_head, tmp_path, "python", "jobs/ppo.py", *ppo_args(run_root, cfg, 2, f"ppo.reward={reward}"),
-                     runtime_env=user_env if reward.startswith("python:") else None)
+                     runtime_env=user_env)
     assert "succeeded" in out, out[-3000:]
     assert f"reward {reward}," in out and "[ppo] done" in out
     summary = json.loads((run_root / cfg.preset / "ppo" / "summary.json").read_text())
     assert summary["steps"] == 2
-    if reward.startswith("python:"):  # -|characters - 10000| / 10000 of answers of 24 tokens at most: in [-1, -0.95]
-        rows = [json.loads(x) for x in (run_root / cfg.preset / "ppo" / "history.jsonl").read_text().splitlines()]
-        assert all(-1 <= r[k] <= -0.95 for r in rows for k in ("reward", "eval_reward") if k in r), rows
+    # -|characters - 10000| / 10000 of answers of 24 tokens at most: in [-1, -0.95]
+    rows = [json.loads(x) for x in (run_root / cfg.preset / "ppo" / "history.jsonl").read_text().splitlines()]
+    assert all(-1 <= r[k] <= -0.95 for r in rows for k in ("reward", "eval_reward") if k in r), rows

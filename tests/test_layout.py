@@ -71,7 +71,7 @@ RUNS_ON_THE_CLUSTER = {
     "clinicalgpt/stages.py:CausalLMTask.build_model": "Ray Train worker",
     "clinicalgpt/reward_model.py:RewardTask.build_model": "Ray Train worker",
     "clinicalgpt/trainer.py:train_loop": "Ray Train worker",
-    "clinicalgpt/reward_model.py:pairwise_accuracy": "ray.remote(pairwise_accuracy)",
+    "clinicalgpt/reward_model.py:pair_scores": "ray.remote(pair_scores)",
     "clinicalgpt/serving.py:merge_adapter": "ray.remote(merge_adapter)",
     "jobs/bootstrap.py:base_model_check": "ray.remote(base_model_check)",
     "clinicalgpt/plan.py:Model.parameters": "PyTorch's meta device: parameter shapes, no weights, no memory",

@@ -114,8 +114,9 @@ def test_a_checkpoint_this_version_cannot_read_is_refused_with_what_to_do(tmp_pa
                  id="nccl"),
 ])
 def grpo_roles(trained, request):
-    """PPO roles on the session's SFT model, started once for the tests below, which run in turn on them
-    (last in this module: the roles hold their CPUs until its end): (cfg, roles, prompt stream)."""
+    """PPO roles on the session's SFT model, scored by its reward model, started once for the tests below,
+    which run in turn on them (last in this module: the roles hold their CPUs until its end): (cfg, roles,
+    prompt stream)."""
     from clinicalgpt.rlhf.prompts import PromptStream
     from clinicalgpt.rlhf.roles import start_roles
     cfg, _ = trained
@@ -123,9 +124,9 @@ def grpo_roles(trained, request):
     # Recomputed activations (train mode, dropout off): the learner's log-probs must still match the engine's.
     cfg = load_config([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *SMALL_PPO, "ppo.advantage=grpo",
                        "ppo.lora.targets=[q_proj,gate_proj]", "ppo.ptx_coef=0.5", "ppo.gradient_checkpointing=true",
-                       *request.param])
+                       "ppo.reward=model", *request.param])
     policy = str(cfg.stage_dir("sft") / "final")
-    roles = start_roles(cfg, policy, policy, critic=None)
+    roles = start_roles(cfg, policy, str(cfg.stage_dir("rm") / "final"), critic=None)
     stream = PromptStream(cfg)
     yield cfg, roles, stream
     stream.close()
@@ -149,6 +150,7 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_ro
     assert engine == after  # greedy decoding in vLLM == transformers on the learner (fp32)
     # Sampled tokens scored by the engine and by the learner agree after each push.
     assert first["engine_logprob_gap"] < 1e-3 and second["engine_logprob_gap"] < 1e-3
+    assert np.isfinite(first["reward"]) and first["reward"] != second["reward"]  # the reward model's scores
 
 
 def test_ptx_adds_the_language_model_loss_of_the_sft_stream_to_each_policy_update(grpo_roles):

@@ -176,3 +176,18 @@ def test_length_bias_is_the_score_length_correlation_and_how_often_the_longer_re
     # + -5/6*-0.5 + 1/6*-1.5 + -1/3*1.5 + -1/3*-0.5 = 3.5; sum dx^2 = 7/3, sum dy^2 = 23.5.
     assert bias["score_length_correlation"] == pytest.approx(3.5 / (7 / 3 * 23.5) ** 0.5)
     assert reward_model.length_bias(chosen[2:], rejected[2:])["prefers_longer"] == 0.5  # no unequal pair
+
+
+def test_pairwise_accuracy_counts_wins_per_source_with_ties_half_for_the_baselines():
+    # Three pairs, columns (chosen, rejected): a wins by score, longer row and likelihood; b loses by score and
+    # ties on row length and likelihood; c wins by score, loses by length and likelihood.
+    scored = {"score": np.array([[2.0, 1.0], [0.0, 0.5], [1.0, 0.0]]),
+              "liked": np.array([[-1.0, -2.0], [-1.0, -1.0], [-3.0, -2.0]]),
+              "row_len": np.array([[9, 7], [5, 5], [4, 8]]), "reply_len": np.array([[5, 3], [2, 2], [1, 5]])}
+    accuracy = reward_model.pairwise_accuracy(scored, np.array(["a", "b", "a"]))
+    assert accuracy["pairs"] == 3 and accuracy["overall"] == pytest.approx(2 / 3)
+    assert accuracy["length_baseline"] == pytest.approx(1.5 / 3) and accuracy["base_likelihood"] == pytest.approx(1.5 / 3)
+    assert accuracy["per_source"]["a"] == {"accuracy": 1.0, "length_baseline": 0.5, "base_likelihood": 0.5, "pairs": 2}
+    assert accuracy["per_source"]["b"] == {"accuracy": 0.0, "length_baseline": 0.5, "base_likelihood": 0.5, "pairs": 1}
+    # Length bias over (score, reply length): the longer reply scores higher in a (5 > 3), lower in c (1 < 5).
+    assert accuracy["prefers_longer"] == 0.5
