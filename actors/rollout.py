@@ -75,8 +75,9 @@ class RolloutActor:
         os.environ.update(ROLLOUT_ENV)
         if not ray.get_gpu_ids():
             # On CPUs the engine core runs in this actor's process: in a process of its own (vLLM's default, kept
-            # on GPUs, where it overlaps scheduling with the GPU's work) it starts 15-20 s slower, for nothing.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # on GPUs, where it overlaps scheduling with the GPU's work) it starts 12 s slower, for nothing
+            # (bench/engine_start.py). A job's runtime env may still set the variable to 1.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.uses_vllm = importlib.util.find_spec("vllm") is not None
         if self.uses_vllm:
             from vllm import LLM
@@ -239,7 +240,7 @@ def architecture(path: str) -> str | None:
 class RolloutEngines:
     """Rollout engines (one role) that answer for one model after another: a model of the same
     architecture as the last gets its weights loaded in place (0.1 s) instead of new engines (about
-    40 s each on CPU)."""
+    10 s each on CPU)."""
 
     def __init__(self, role: RoleConfig, engine: EngineConfig, name: str, max_len: int, seed: int, dtype: str):
         check_engine(engine, role.gpus, name)
