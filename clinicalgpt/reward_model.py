@@ -380,8 +380,10 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     # and travel through the object store.
     tokenized = list(tokenized_pairs(cfg, test).iter_batches(batch_size=None, batch_format="numpy"))
     held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
-    lengths = (held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1)
-    shards = [np.argsort(lengths, kind="stable")[i::train_cfg.num_workers] for i in range(train_cfg.num_workers)]  # even work
+    # Every num_workers-th pair by length to each task: as much work each, so none waits on another.
+    by_length = np.argsort((held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1),
+                           kind="stable")
+    shards = [by_length[i::train_cfg.num_workers] for i in range(train_cfg.num_workers)]
     order = np.concatenate(shards)
     task = ray.remote(pair_scores).options(num_cpus=train_cfg.cpus_per_worker, num_gpus=train_cfg.gpus_per_worker)
     scored = ray.get([task.remote(str(out / "final"), source, {k: v[rows] for k, v in held_out.items() if k != "source"},
