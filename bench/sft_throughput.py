@@ -37,7 +37,7 @@ from clinicalgpt.config import Config, load_config
 from clinicalgpt.corpus import read_records
 from clinicalgpt.modeling import apply_lora, load_model
 from clinicalgpt.packing import keep_sampled, tokenize_chats
-from clinicalgpt.runtime import init_ray
+from clinicalgpt.runtime import init_ray, resolve_bf16
 from clinicalgpt.stages import CORPUS_TASKS, run_causal_stage
 from clinicalgpt.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
@@ -115,7 +115,7 @@ def measure_trl(cfg: Config, source: str, chats: list[list[dict]], labels: list[
             per_device_train_batch_size=sft.micro_batch,
             gradient_accumulation_steps=max(1, sft.global_batch // sft.micro_batch),  # same sequences per step
             max_length=cfg.seq.max_len, assistant_only_loss=True, packing=packing,
-            gradient_checkpointing=False, bf16=sft.bf16,  # TRL defaults True for both; ours uses neither
+            gradient_checkpointing=False, bf16=resolve_bf16(sft.bf16),  # TRL defaults True for both; ours as its workers resolve it
             include_num_input_tokens_seen="non_padding", save_strategy="no", report_to="none", disable_tqdm=True)
         trainer = SFTTrainer(model=apply_lora(load_model(source, cfg.model.dtype), sft.lora), args=args,
                              train_dataset=Dataset.from_list([{"messages": c} for c in chats]),

@@ -124,7 +124,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool = False
+    # bf16 mixed precision (DeepSpeed's: bf16 compute, fp32 master weights and optimizer state); None: where the
+    # worker's hardware computes bf16 natively (runtime.resolve_bf16), else fp32.
+    bf16: bool | None = None
     num_workers: int = 2
     min_workers: int = 0  # > 0: elastic, ScalingConfig(num_workers=(min_workers, num_workers))
     cpus_per_worker: float = 0.5  # fractional, so Ray Data can stream on the same cores

@@ -219,7 +219,7 @@ def training_workers(cfg: Config, stage: str, model: Model, cluster: Cluster) ->
     train_cfg = stage_config(cfg, stage) if stage in ("rm", "judge") else getattr(cfg, stage)
     resources = scaling_config(train_cfg).resources_per_worker
     gpus = resources.get("GPU", 0.0)
-    dtype = "bfloat16" if train_cfg.bf16 else cfg.model.dtype
+    dtype = "bfloat16" if train_cfg.bf16 or (train_cfg.bf16 is None and gpus) else cfg.model.dtype  # auto: GPUs have bf16
     w, shards, classifier = DTYPE_BYTES[dtype], train_cfg.min_workers or train_cfg.num_workers, stage in ("rm", "judge")
     counts = model.parameters(classifier, train_cfg.lora)
     rows, tokens = train_cfg.micro_batch * (2 if classifier else 1), cfg.seq.max_len  # rm: chosen and rejected at once

@@ -37,6 +37,18 @@ def device_env(gpus: float) -> dict[str, str]:
     return {"DS_ACCELERATOR": "cuda" if gpus > 0 else "cpu"}
 
 
+def resolve_bf16(setting: bool | None) -> bool:
+    """A stage's bf16 setting, or for None (auto) whether this process's device computes bf16 natively: a CUDA GPU
+    that supports it, a CPU with AMX or AVX512-BF16 units. Elsewhere bf16 is emulated, slower than fp32 (2.6x on a
+    Xeon without those units, docs/benchmarks.md)."""
+    if setting is not None:
+        return setting
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def submitted_job_env() -> dict[str, str]:
     """The env_vars of the runtime env a `ray job submit` gave this driver (none when not submitted): Ray
     passes the job's config to its driver in $RAY_JOB_CONFIG_JSON_ENV_VAR."""
@@ -60,6 +72,9 @@ def init_ray(cfg: Config) -> None:
     # The V1 Parquet reader makes one read task and block per shard; Ray 2.60's V2 reader put all shards
     # in one 270k-row block, so a stream yielded nothing until the whole corpus had been tokenized.
     data_context.use_datasource_v2 = False
+    # Every stream's blocks in order (not as their tasks finish): the rows each worker trains on, the pairs and
+    # the files a build writes then follow from the seeds alone, and two runs of one config give the same numbers.
+    data_context.execution_options.preserve_order = True
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from .config import Config, TrainConfig
 from .modeling import enable_gradient_checkpointing
-from .runtime import device_env
+from .runtime import device_env, resolve_bf16
 
 CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
 # ZeRO-2 shards the optimizer state and the gradients; ZeRO-3 would also shard the weights, which the exports,
@@ -100,7 +100,8 @@ def zero2_config(micro_batch: int, accumulation: int, lr: float, weight_decay: f
 
 def deepspeed_config(train_cfg: TrainConfig, world: int, total_steps: int) -> dict:
     accumulation = max(1, train_cfg.global_batch // (train_cfg.micro_batch * world))
-    config = zero2_config(train_cfg.micro_batch, accumulation, train_cfg.lr, train_cfg.weight_decay, train_cfg.grad_clip, train_cfg.bf16)
+    config = zero2_config(train_cfg.micro_batch, accumulation, train_cfg.lr, train_cfg.weight_decay, train_cfg.grad_clip,
+                          resolve_bf16(train_cfg.bf16))
     config["scheduler"] = {"type": "WarmupDecayLR", "params": {
         "total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": train_cfg.lr,
         "warmup_num_steps": max(1, int(train_cfg.warmup_ratio * total_steps)), "warmup_type": "linear"}}
@@ -133,6 +134,9 @@ def train_loop(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
                                                    config=deepspeed_config(train_cfg, world, total_steps))
+    if rank == 0:
+        print(f"[{task.name}] {world} worker(s), {'bf16 mixed precision' if engine.bfloat16_enabled() else 'fp32'}",
+              flush=True)
     eval_batch = _to_tensors(config["eval_rows"], engine.device) if config["eval_rows"] is not None else None
     step, rows_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -165,7 +169,8 @@ def train_loop(config: dict) -> None:
     done = step >= total_steps
     while not done:
         for np_batch in shard.iter_batches(batch_size=train_cfg.micro_batch, batch_format="numpy", drop_last=True,
-                                           local_shuffle_buffer_size=train_cfg.micro_batch * 32 if task.shuffle_rows else None):
+                                           local_shuffle_buffer_size=train_cfg.micro_batch * 32 if task.shuffle_rows else None,
+                                           local_shuffle_seed=train_cfg.seed + rank):
             if skip_rows > 0:
                 skip_rows -= train_cfg.micro_batch
                 continue
@@ -290,6 +295,9 @@ def fit(cfg: Config, task: Task, train_cfg: TrainConfig, train_ds: ray.data.Data
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds},
+        # Blocks go to the workers in stream order, not to whichever worker's node holds them: each worker's rows
+        # then follow from the seed on any cluster (init_ray keeps the stream itself in order).
+        dataset_config=ray.train.DataConfig(enable_shard_locality=False),
     )
     return trainer.fit()
 

@@ -93,3 +93,17 @@ def test_gradient_checkpointing_gives_the_plain_gradients_of_a_lora_model():
     assert plain.keys() == recomputed.keys() and all(g is not None and g.abs().sum() > 0 for g in recomputed.values())
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name])
+
+
+@pytest.mark.parametrize("cuda, avx512_bf16, amx, expected", [
+    (None, True, False, True), (None, False, True, True), (None, False, False, False),  # CPUs: native bf16 or not
+    (True, False, False, True), (False, False, False, False),  # GPUs: whether the GPU supports bf16
+])
+def test_bf16_auto_takes_bf16_only_where_the_hardware_computes_it(monkeypatch, cuda, avx512_bf16, amx, expected):
+    from clinicalgpt.runtime import resolve_bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bool(cuda))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_bf16(None) is expected
+    assert resolve_bf16(True) is True and resolve_bf16(False) is False  # a setting is kept whatever the hardware

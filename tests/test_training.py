@@ -120,8 +120,12 @@ def test_sft_across_two_nodes_survives_a_killed_worker_then_a_lost_node(trained,
     for after in (killed_after, removed_after):
         resumed_at, last = steps[after], steps[after - 1]
         assert (resumed_at - 1) % 2 == 0 and last - 2 < resumed_at <= last + 1, (after, steps)
-    # The replaced rank: same world size, so the optimizer state came back too.
+    # The replaced rank: same world size, so the optimizer state came back too, and each worker's rows follow from
+    # the seed: the steps it redid are the same steps, loss for loss.
     assert f"resumed from step {steps[killed_after] - 1} on 2 worker(s), held-out loss" in text, text[-3000:]
+    first_time = {r["step"]: r["loss"] for r in rows[:killed_after]}
+    redone = [r for r in rows[killed_after:removed_after] if r["step"] in first_time]
+    assert redone and all(r["loss"] == pytest.approx(first_time[r["step"]], rel=1e-5) for r in redone), (rows, killed_after)
     # The lost node: one worker took over with the checkpoint's weights (their held-out loss is the one
     # logged at that step) and a fresh optimizer, the schedule went on where it was, and the run finished.
     resumed_at = steps[removed_after]
