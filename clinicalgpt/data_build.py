@@ -1,5 +1,6 @@
 """The data stage: the records (corpus.py), the tokenizer of presets that train their own, token counts, the
-packed streams that pretrain and SFT read, and the manifest that reports them all (manifest.json / .md).
+packed streams that pretrain and SFT read, the reward model's pairs, and the manifest that reports them all
+(manifest.json / .md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .config import Config
 from .corpus import build_records, read_records
 from .packing import IGNORE, packed_stream, stream_summary, tokenize_chats
 from .records import SPLITS
+from .reward_model import pair_table
 from .stages import STAGE_MODES, stage_streams
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -29,6 +31,7 @@ def build_data(cfg: Config) -> dict:
     manifest["tokens"] = token_counts(cfg)
     manifest["streams"] = {name: stream_summary(packed_stream(cfg, name, spec))
                            for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
+    manifest["pairs"] = stream_summary(pair_table(cfg))
     manifest.update(splits=list(SPLITS), max_len=cfg.seq.max_len)
     return manifest
 
@@ -128,6 +131,11 @@ def write_manifest(manifest: dict, out: Path) -> None:
               "| stream | samples | rows | filled | samples over max_len | seconds |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {s['samples']:,} | {s['rows']:,} | {s['packing_efficiency']:.1%} | "
               f"{s['skipped_over_length']:,} | {s['seconds']} |" for name, s in manifest["streams"].items()]
+    pairs = manifest["pairs"]["pairs"]
+    lines += ["", f"## Reward-model pairs (pairs/; built in {manifest['pairs']['seconds']} s)", "",
+              "| source | train | test |", "|---|---|---|"]
+    lines += [f"| {s} | {pairs['train'].get(s, 0):,} | {pairs['test'].get(s, 0):,} |"
+              for s in sorted({*pairs["train"], *pairs["test"]})]
     lines += ["", "## Skipped input lines (see skipped.jsonl)", "", "| source | reason | lines |", "|---|---|---|"]
     lines += _reason_rows(manifest["skipped"])
     lines += ["", "## Dropped records", "", "| source | reason | records |", "|---|---|---|"]

@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -172,38 +173,54 @@ def tokenizer_fingerprint(cfg) -> str:
     return hashlib.sha256((tok.backend_tokenizer.to_str() + tok.chat_template).encode()).hexdigest()[:16]
 
 
+def records_fingerprint(cfg) -> str:
+    """Identifies the record shards a derived table was built from (their paths relative to records/, since a
+    run may reach the data through a link; sizes; modification times)."""
+    shards = cfg.data_dir / "records"
+    records = sorted((str(f.relative_to(shards)), f.stat().st_size, f.stat().st_mtime_ns) for f in shards.rglob("*.parquet"))
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+
+
+def built_once(folder: Path, shape: dict, build: Callable[[Path], dict]) -> Path:
+    """`folder`, built by build(an empty folder) -> summary unless its stream.json says it was built with `shape`
+    (then kept as it is); the summary is saved beside the shape. A folder is either whole or absent."""
+    info = folder / "stream.json"
+    if info.exists() and json.loads(info.read_text())["shape"] == shape:
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    summary = build(partial)
+    (partial / "stream.json").write_text(json.dumps({"shape": shape, **summary}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
 def packed_stream(cfg, name: str, spec: dict) -> Path:
     """The folder of packed stream `name` (records of spec's splits and tasks, sampled by its fractions,
     shuffled by its seed, tokenized in its mode and packed), written once under data/packed/ by Ray Data
     and rewritten only when what shapes it changes (spec, sequence settings, tokenizer, records)."""
-    folder = cfg.data_dir / "packed" / name
-    shards = cfg.data_dir / "records"  # identified relative to it: a run may reach the data through a link
-    records = sorted((str(f.relative_to(shards)), f.stat().st_size, f.stat().st_mtime_ns) for f in shards.rglob("*.parquet"))
     shape = {**spec, "max_len": cfg.seq.max_len, "pack": cfg.seq.pack, "tokenizer": tokenizer_fingerprint(cfg),
-             "records": hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]}
-    info = folder / "stream.json"
-    if info.exists() and json.loads(info.read_text())["shape"] == shape:
-        return folder
-    started = time.time()
-    print(f"[data] packing the {name} stream ({spec['mode']} mode, {'+'.join(spec['splits'])}: "
-          f"{', '.join(spec['tasks'])})", flush=True)
-    partial = folder.with_name(name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    # The same rows in the same files every build: init_ray keeps Ray Data's blocks in order.
-    packed_dataset(cfg, spec["splits"], spec["tasks"], mode=spec["mode"], shuffle_seed=spec.get("seed"),
-                   fractions=spec.get("fractions")).write_parquet(str(partial))
-    stats = pq.read_table(partial, columns=["num_samples", "num_tokens", "skipped_over_length"])
-    total = {c: int(pc.sum(stats[c]).as_py() or 0) for c in stats.column_names}
-    rows = stats.num_rows
-    summary = {"rows": rows, "samples": total["num_samples"], "skipped_over_length": total["skipped_over_length"],
-               "packing_efficiency": round(total["num_tokens"] / max(rows * cfg.seq.max_len, 1), 4),
-               "seconds": round(time.time() - started, 1)}
-    (partial / "stream.json").write_text(json.dumps({"shape": shape, **summary}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # a stream is either whole or absent
-    print(f"[data] {name}: {summary['samples']:,} samples -> {rows:,} rows of {cfg.seq.max_len} "
-          f"({summary['packing_efficiency']:.1%} filled) in {summary['seconds']} s", flush=True)
-    return folder
+             "records": records_fingerprint(cfg)}
+
+    def build(partial: Path) -> dict:
+        started = time.time()
+        print(f"[data] packing the {name} stream ({spec['mode']} mode, {'+'.join(spec['splits'])}: "
+              f"{', '.join(spec['tasks'])})", flush=True)
+        # The same rows in the same files every build: init_ray keeps Ray Data's blocks in order.
+        packed_dataset(cfg, spec["splits"], spec["tasks"], mode=spec["mode"], shuffle_seed=spec.get("seed"),
+                       fractions=spec.get("fractions")).write_parquet(str(partial))
+        stats = pq.read_table(partial, columns=["num_samples", "num_tokens", "skipped_over_length"])
+        total = {c: int(pc.sum(stats[c]).as_py() or 0) for c in stats.column_names}
+        rows = stats.num_rows
+        summary = {"rows": rows, "samples": total["num_samples"], "skipped_over_length": total["skipped_over_length"],
+                   "packing_efficiency": round(total["num_tokens"] / max(rows * cfg.seq.max_len, 1), 4),
+                   "seconds": round(time.time() - started, 1)}
+        print(f"[data] {name}: {summary['samples']:,} samples -> {rows:,} rows of {cfg.seq.max_len} "
+              f"({summary['packing_efficiency']:.1%} filled) in {summary['seconds']} s", flush=True)
+        return summary
+
+    return built_once(cfg.data_dir / "packed" / name, shape, build)
 
 
 def stream_summary(folder: Path) -> dict:

@@ -171,6 +171,33 @@ def pair_dataset(cfg: Config) -> ray.data.Dataset:
     return prefs.union(swaps, exams)
 
 
+def pair_table(cfg: Config) -> Path:
+    """pair_dataset's pairs as Parquet under data/pairs/, built once (by the data job; the reward model and the
+    judge read them) and rebuilt only when what shapes them changes: the records, the seed, the KG answer
+    settings, the shares above."""
+    import pyarrow.parquet as pq
+    from .packing import built_once, records_fingerprint
+    shape = {"seed": cfg.data.seed, "kg_en_fraction": cfg.data.kg_en_fraction, "kg_max_objects": cfg.data.kg_max_objects,
+             "kg_pair_fraction": KG_PAIR_FRACTION, "exam_pair_fraction": EXAM_PAIR_FRACTION,
+             "test_fraction": CONSTRUCTED_TEST_FRACTION, "records": records_fingerprint(cfg)}
+
+    def build(partial: Path) -> dict:
+        started = time.time()
+        pair_dataset(cfg).write_parquet(str(partial))
+        table = pq.read_table(partial, columns=["split", "source"])
+        counts = Counter(zip(table.column("split").to_pylist(), table.column("source").to_pylist()))
+        pairs = {split: {source: n for (s, source), n in sorted(counts.items()) if s == split} for split in ("train", "test")}
+        print(f"[data] reward-model pairs: {pairs}", flush=True)
+        return {"pairs": pairs, "seconds": round(time.time() - started, 1)}
+
+    return built_once(cfg.data_dir / "pairs", shape, build)
+
+
+def read_pairs(cfg: Config) -> ray.data.Dataset:
+    """The pair table (pair_table), in the order it was written."""
+    return ray.data.read_parquet(sorted(str(f) for f in pair_table(cfg).glob("*.parquet")))
+
+
 class TokenizePairs:
     """Ray Data callable: pairs -> chosen/rejected token ids, right-padded to max_len, and each reply's
     length in tokens (its last tokens; the prompt is cut from the left when a pair does not fit, so the
@@ -351,7 +378,7 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
 
     train_cfg = stage_config(cfg, stage)
     started, out = time.time(), cfg.stage_dir(stage)
-    pairs = pair_dataset(cfg).materialize()  # a few MB of text; both splits are read from it
+    pairs = read_pairs(cfg).materialize()  # a few MB of text; both splits are read from it
     train = pairs.filter(lambda r: r["split"] == "train")
     if train_cfg.pair_half:
         train = train.map_batches(in_half, batch_format="pyarrow", fn_kwargs={"half": train_cfg.pair_half})

@@ -26,7 +26,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from .config import Config, TrainConfig
-from .modeling import enable_gradient_checkpointing
+from .modeling import DTYPES, enable_gradient_checkpointing
 from .runtime import device_env, resolve_bf16
 
 CKPT_TAG = "step"  # not "latest": DeepSpeed's own pointer file is called latest
@@ -54,9 +54,11 @@ class Task:
 
 
 def export_hf(model: torch.nn.Module, cfg: Config, out: Path, adapter_dir: Path | None = None) -> None:
-    """Save a trained model in Hugging Face format with the tokenizer; a PEFT model is merged first
-    (its adapter saved to adapter_dir when given), as vLLM's BLOOM takes no LoRA."""
+    """Save a trained model in Hugging Face format with the tokenizer, in the preset's dtype (model.dtype, whatever
+    precision trained it); a PEFT model is merged first (its adapter saved to adapter_dir when given), as vLLM's
+    BLOOM takes no LoRA."""
     from .tokenizer import load_tokenizer
+    model = model.to(DTYPES[cfg.model.dtype])  # before the merge, so that it adds the LoRA delta in that dtype
     if hasattr(model, "merge_and_unload"):
         if adapter_dir is not None:
             model.save_pretrained(adapter_dir)

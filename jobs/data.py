@@ -4,9 +4,10 @@
 
 Writes runs/<preset>/data/: records/<split>/<task>/*.parquet, skipped.jsonl (every skipped input line
 with its reason), packed/<stream>/ (the tokenized, packed Parquet streams that pretrain and SFT read),
-manifest.json and manifest.md (counts per source, task and split; token counts; packing; skip reasons;
-wall time and peak memory). Presets that train their own tokenizer (tiny) train it here on the
-training records, into the model folder that jobs/bootstrap.py completes.
+pairs/ (the reward model's and the judge's pairs), manifest.json and manifest.md (counts per source, task
+and split; token counts; packing; pairs; skip reasons; wall time and peak memory). Presets that train their
+own tokenizer (tiny) train it here on the training records, into the model folder that jobs/bootstrap.py
+completes.
 """
 
 import sys

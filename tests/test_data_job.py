@@ -45,6 +45,12 @@ def test_manifest_reports_counts_tokens_and_skips(built):
     assert train_tokens["kg_qa"]["tokens"] > train_tokens["kg_qa"]["trained_tokens"] > 0
     assert all(s["packing_efficiency"] > 0.9 for s in manifest["streams"].values()), manifest["streams"]
     assert "## Packed streams" in (cfg.data_dir / "manifest.md").read_text()
+    # The reward model's pairs, built once here for it and the judge: every kind, held out and for training.
+    pairs = manifest["pairs"]["pairs"]
+    kinds = {"constructed/kg_swap", "constructed/kg_wrong_kind", "constructed/exam_wrong_option", "pulse_eval/WebMedQA"}
+    assert kinds <= set(pairs["test"]) and kinds <= set(pairs["train"]), pairs
+    assert sum(pairs["train"].values()) > sum(pairs["test"].values()) > 500
+    assert "## Reward-model pairs" in (cfg.data_dir / "manifest.md").read_text()
     assert manifest["peak_memory_gb"] < 4.0
 
 

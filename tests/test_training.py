@@ -51,6 +51,9 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     assert "Length bias: the score's correlation with the reply's length" in table
     scorer = AutoModelForSequenceClassification.from_pretrained(summary["model"])
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
+    # Exported in the preset's dtype, whichever precision trained them (bf16 where the hardware has it).
+    for stage in ("pretrain", "sft", "rm", "judge"):
+        assert json.loads((cfg.stage_dir(stage) / "final" / "config.json").read_text())["dtype"] == cfg.model.dtype, stage
 
     # The evaluation's judge: the other half of the training pairs, measured on the same held-out pairs.
     judge = json.loads((cfg.stage_dir("judge") / "accuracy.json").read_text())
