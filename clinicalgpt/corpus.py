@@ -240,7 +240,9 @@ def build_records(cfg: Config) -> dict:
     if cfg.data.kg_inverse and kg_paths:
         inverse = (read(kg_paths)
                    .map_batches(inverse_triples, batch_format="pyarrow", fn_kwargs={"specs": specs})
-                   .groupby(["source", "kind", "object"], num_partitions=8)
+                   # One partition: several came out in the order they finished, so two builds wrote the inverse
+                   # questions in a different order, and every stream and pair derived from the records differed.
+                   .groupby(["source", "kind", "object"], num_partitions=1)
                    .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg}))
         ds = ds.union(inverse)
 

@@ -390,9 +390,13 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     train = train.materialize()  # counted twice below
     trained_on = Counter(train.select_columns(["source"]).to_pandas()["source"])
     train = train.random_shuffle(seed=train_cfg.seed)  # sources are in blocks
-    test = pairs.filter(lambda r: r["split"] == "test")
-    eval_rows = tokenized_pairs(cfg, test.random_shuffle(seed=train_cfg.seed)).take_batch(train_cfg.eval_rows,
-                                                                                         batch_format="numpy")
+    # The held-out pairs, tokenized once by Ray Data: a seeded sample of them is the training's held-out loss, all
+    # of them the accuracy below.
+    tokenized = list(tokenized_pairs(cfg, pairs.filter(lambda r: r["split"] == "test")).iter_batches(
+        batch_size=None, batch_format="numpy"))
+    held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
+    sample = np.random.default_rng(train_cfg.seed).permutation(len(held_out["source"]))[:train_cfg.eval_rows]
+    eval_rows = {k: v[sample] for k, v in held_out.items() if k != "source"}
     pad_id = load_tokenizer(cfg.model_path).pad_token_id
     stream = tokenized_pairs(cfg, train).map_batches(
         length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="numpy",
@@ -403,10 +407,7 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
         raise SystemExit(f"[{stage}] training failed: {result.error}")
 
     # Two models at once, in the stage's dtype, on each training worker's resources (a GPU on the real presets),
-    # now free, each scoring a share of the pairs; not in the driver. The pairs are tokenized by Ray Data here
-    # and travel through the object store.
-    tokenized = list(tokenized_pairs(cfg, test).iter_batches(batch_size=None, batch_format="numpy"))
-    held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
+    # now free, each scoring a share of the pairs; not in the driver (the pairs travel through the object store).
     # Every num_workers-th pair by length to each task: as much work each, so none waits on another.
     by_length = np.argsort((held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1),
                            kind="stable")
