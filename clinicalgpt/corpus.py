@@ -13,6 +13,7 @@ record whose question key is a test key.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -172,6 +173,15 @@ def _group(table: pa.Table, keys: tuple[str, ...]):
         yield key, table.take(idx)
 
 
+def _sorted_by_id(ds: ray.data.Dataset):
+    """A dataset's rows as one table sorted by id, for a small one whose block order is not its own: a groupby's
+    partitions come out in the order they finish, and sorted, every build writes them, and so every stream and pair
+    derived from the records, in the same order."""
+    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    if tables:
+        yield pa.concat_tables(tables).sort_by("id")
+
+
 def count_lines(paths: list[str]) -> int:
     total = 0
     for p in paths:
@@ -236,18 +246,17 @@ def build_records(cfg: Config) -> dict:
     paths = list(specs)
     ds = read(paths).map_batches(records_from_lines, batch_format="pyarrow", batch_size=cfg.data.batch_size,
                                  fn_kwargs={"specs": specs, "cfg": cfg, "keep_test_only": False})
+    blocks = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     kg_paths = [p for p, s in specs.items() if s.kind.startswith("kg_")]
     if cfg.data.kg_inverse and kg_paths:
         inverse = (read(kg_paths)
                    .map_batches(inverse_triples, batch_format="pyarrow", fn_kwargs={"specs": specs})
-                   # One partition: several came out in the order they finished, so two builds wrote the inverse
-                   # questions in a different order, and every stream and pair derived from the records differed.
-                   .groupby(["source", "kind", "object"], num_partitions=1)
+                   .groupby(["source", "kind", "object"], num_partitions=8)
                    .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg}))
-        ds = ds.union(inverse)
+        blocks = itertools.chain(blocks, _sorted_by_id(inverse))
 
     bar = tqdm(total=count_lines(paths), desc="building records", unit=" lines", mininterval=5)
-    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for block in blocks:
         bar.update(int(np.sum(block.column("n_inputs").to_numpy())))
         keep = []
         for i, (src, split, skip, raw, line_id, dk, lk) in enumerate(zip(*(block.column(c).to_pylist() for c in (
