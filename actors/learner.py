@@ -165,10 +165,13 @@ class LearnerRank:
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """transformers greedy decoding of the current policy (to check the rollout engines against)."""
-        ids = torch.tensor([prompt], device=self.device)
+        ids, module = torch.tensor([prompt], device=self.device), self.policy.module
+        training = module.training  # train mode under gradient checkpointing (without_dropout)
+        module.eval()
         with torch.no_grad():
-            out = self.policy.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                              max_new_tokens=max_new_tokens)
+            out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=max_new_tokens)
+        module.train(training)
         return out[0, len(prompt):].tolist()
 
     def save(self, folder: str) -> None:
