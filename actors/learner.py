@@ -168,10 +168,12 @@ class LearnerRank:
         ids, module = torch.tensor([prompt], device=self.device), self.policy.module
         training = module.training  # train mode under gradient checkpointing (without_dropout)
         module.eval()
-        with torch.no_grad():
-            out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=max_new_tokens)
-        module.train(training)
+        try:
+            with torch.no_grad():
+                out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=max_new_tokens)
+        finally:
+            module.train(training)  # a failed call must not leave the policy in eval mode for the next update
         return out[0, len(prompt):].tolist()
 
     def save(self, folder: str) -> None:
