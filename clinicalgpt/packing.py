@@ -173,12 +173,17 @@ def tokenizer_fingerprint(cfg) -> str:
     return hashlib.sha256((tok.backend_tokenizer.to_str() + tok.chat_template).encode()).hexdigest()[:16]
 
 
+def files_fingerprint(folder: Path, pattern: str = "*") -> str:
+    """Identifies the files under `folder` that match `pattern`: their paths relative to it (a run may reach it
+    through a link), sizes and modification times."""
+    files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in folder.rglob(pattern) if f.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
 def records_fingerprint(cfg) -> str:
-    """Identifies the record shards a derived table was built from (their paths relative to records/, since a
-    run may reach the data through a link; sizes; modification times)."""
-    shards = cfg.data_dir / "records"
-    records = sorted((str(f.relative_to(shards)), f.stat().st_size, f.stat().st_mtime_ns) for f in shards.rglob("*.parquet"))
-    return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+    """Identifies the record shards a derived table was built from."""
+    return files_fingerprint(cfg.data_dir / "records", "*.parquet")
 
 
 def built_once(folder: Path, shape: dict, build: Callable[[Path], dict]) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -172,18 +173,21 @@ def pair_dataset(cfg: Config) -> ray.data.Dataset:
 
 
 def pair_table(cfg: Config) -> Path:
-    """pair_dataset's pairs as Parquet under data/pairs/, built once (by the data job; the reward model and the
-    judge read them) and rebuilt only when what shapes them changes: the records, the seed, the KG answer
-    settings, the shares above."""
+    """pair_dataset's pairs, tokenized (TokenizePairs), as Parquet under data/pairs/: built once by the data job (the
+    reward model and the judge read them) and rebuilt only when what shapes them changes: the records, the seed, the
+    KG answer settings, the shares above, the tokenizer and max_len."""
     import pyarrow.parquet as pq
-    from .packing import built_once, records_fingerprint
+    from .packing import built_once, records_fingerprint, tokenizer_fingerprint
     shape = {"seed": cfg.data.seed, "kg_en_fraction": cfg.data.kg_en_fraction, "kg_max_objects": cfg.data.kg_max_objects,
              "kg_pair_fraction": KG_PAIR_FRACTION, "exam_pair_fraction": EXAM_PAIR_FRACTION,
-             "test_fraction": CONSTRUCTED_TEST_FRACTION, "records": records_fingerprint(cfg)}
+             "test_fraction": CONSTRUCTED_TEST_FRACTION, "records": records_fingerprint(cfg),
+             "tokenizer": tokenizer_fingerprint(cfg), "max_len": cfg.seq.max_len}
 
     def build(partial: Path) -> dict:
         started = time.time()
-        pair_dataset(cfg).write_parquet(str(partial))
+        pair_dataset(cfg).map_batches(TokenizePairs, fn_constructor_kwargs={
+            "tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template, "max_len": cfg.seq.max_len},
+            batch_format="pyarrow", batch_size=256, concurrency=(1, 2), num_cpus=0.5).write_parquet(str(partial))
         table = pq.read_table(partial, columns=["split", "source"])
         counts = Counter(zip(table.column("split").to_pylist(), table.column("source").to_pylist()))
         pairs = {split: {source: n for (s, source), n in sorted(counts.items()) if s == split} for split in ("train", "test")}
@@ -193,15 +197,17 @@ def pair_table(cfg: Config) -> Path:
     return built_once(cfg.data_dir / "pairs", shape, build)
 
 
-def read_pairs(cfg: Config) -> ray.data.Dataset:
-    """The pair table (pair_table), in the order it was written."""
-    return ray.data.read_parquet(sorted(str(f) for f in pair_table(cfg).glob("*.parquet")))
+def read_pairs(cfg: Config) -> pa.Table:
+    """The pair table (pair_table), in the order it was written: a few MB for the tiny preset's corpora, read whole
+    by the reward stage's driver, which picks its pairs from it."""
+    import pyarrow.parquet as pq
+    return pq.read_table(sorted(str(f) for f in pair_table(cfg).glob("*.parquet")))
 
 
 class TokenizePairs:
-    """Ray Data callable: pairs -> chosen/rejected token ids, right-padded to max_len, and each reply's
-    length in tokens (its last tokens; the prompt is cut from the left when a pair does not fit, so the
-    replies are always scored whole)."""
+    """Ray Data callable: pairs -> the same pairs with chosen/rejected token ids (the prompt in the chat template,
+    then the reply and EOS; at most max_len, unpadded) and each reply's length in tokens (its last tokens; the prompt
+    is cut from the left when a pair does not fit, so the replies are always scored whole)."""
 
     def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
         from .tokenizer import load_tokenizer
@@ -216,34 +222,54 @@ class TokenizePairs:
         keep = self.max_len - len(reply_ids)
         return prompt_ids[-keep:] + reply_ids, len(reply_ids)
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         out = {"chosen_ids": [], "rejected_ids": [], "chosen_reply_len": [], "rejected_reply_len": []}
         for p, c, r in zip(*(batch.column(k).to_pylist() for k in ("prompt", "chosen", "rejected"))):
             for side, reply in (("chosen", c), ("rejected", r)):
                 ids, reply_len = self.encode(p, reply)
-                out[f"{side}_ids"].append(ids + [self.tok.pad_token_id] * (self.max_len - len(ids)))
+                out[f"{side}_ids"].append(ids)
                 out[f"{side}_reply_len"].append(reply_len)
-        arrays = {k: np.array(v, dtype=np.int64) for k, v in out.items()}
-        arrays["source"] = np.array(batch.column("source").to_pylist(), dtype=object)
-        return arrays
+        for side in ("chosen", "rejected"):
+            batch = batch.append_column(f"{side}_ids", pa.array(out[f"{side}_ids"], type=pa.list_(pa.int32())))
+            batch = batch.append_column(f"{side}_reply_len", pa.array(out[f"{side}_reply_len"], type=pa.int32()))
+        return batch
 
 
-def tokenized_pairs(cfg: Config, pairs: ray.data.Dataset) -> ray.data.Dataset:
-    return pairs.map_batches(TokenizePairs, fn_constructor_kwargs={
-        "tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template, "max_len": cfg.seq.max_len},
-        batch_format="pyarrow", batch_size=256, concurrency=(1, 2), num_cpus=0.5)
+def padded(pairs: pa.Table, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
+    """Tokenized pairs as numpy: chosen/rejected ids right-padded to max_len, the reply lengths, the sources."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids = np.full((pairs.num_rows, max_len), pad_id, dtype=np.int64)
+        for i, row in enumerate(pairs.column(f"{side}_ids").to_pylist()):
+            ids[i, :len(row)] = row
+        out[f"{side}_ids"] = ids
+        out[f"{side}_reply_len"] = pairs.column(f"{side}_reply_len").to_numpy().astype(np.int64)
+    out["source"] = np.array(pairs.column("source").to_pylist(), dtype=object)
+    return out
 
 
-def length_groups(batch: dict[str, np.ndarray], micro_batch: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Ray Data map over windows of shuffled pairs: sorted by length and cut into micro-batches, in a random
-    order. A micro-batch then holds pairs of about one length, so scores() trims most of the padding
+def training_pairs(pairs: pa.Table, train_cfg: TrainConfig) -> pa.Table:
+    """The training pairs a stage trains on: its half (pair_half) and each source's share (pair_fractions), both
+    by a hash of the pair."""
+    from .packing import keep_sampled
+    train = pairs.filter(pc.equal(pairs["split"], "train"))
+    if train_cfg.pair_half:
+        train = in_half(train, train_cfg.pair_half)
+    return keep_sampled(train, dict(train_cfg.pair_fractions), train_cfg.seed, group="source",
+                        keys=("prompt", "rejected"), salt="rm-share")
+
+
+def length_groups(batch: pa.Table, micro_batch: int, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
+    """Ray Data map over windows of shuffled tokenized pairs: padded, sorted by length and cut into micro-batches,
+    in a random order. A micro-batch then holds pairs of about one length, so scores() trims most of the padding
     (short KG pairs no longer wait on a long preference pair), while the kinds still mix across steps."""
-    lengths = np.maximum((batch["chosen_ids"] != pad_id).sum(1), (batch["rejected_ids"] != pad_id).sum(1))
+    rows = padded(batch, pad_id, max_len)
+    lengths = np.maximum((rows["chosen_ids"] != pad_id).sum(1), (rows["rejected_ids"] != pad_id).sum(1))
     order = np.argsort(lengths, kind="stable")
     chunks = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
     rng = np.random.default_rng(int(lengths.sum()))  # seeded by the window's content: reruns see the same order
     order = np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
-    return {k: v[order] for k, v in batch.items()}
+    return {k: v[order] for k, v in rows.items()}
 
 
 def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -302,19 +328,19 @@ def length_bias(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
             "prefers_longer": float(higher[unequal].mean()) if unequal.any() else 0.5}
 
 
-def pair_scores(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray], dtype: str,
+def pair_scores(model_dir: str, base_dir: str | None, pairs: dict[str, np.ndarray], dtype: str,
                 batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Per pair of tokenized pairs, for pairwise_accuracy: the reward model's score of each reply, the mean
-    log-prob per token the base model (the SFT model the RM starts from) gives it, and each reply's length
-    (tokens: whole row, and reply). Loads both models: run_reward_stage runs it as Ray tasks on the stage's
-    worker resources."""
+    """Per pair of tokenized pairs, for pairwise_accuracy: the reward model's score of each reply, each reply's
+    length (tokens: whole row, and reply) and, given base_dir, the mean log-prob per token the base model (the SFT
+    model the RM starts from) gives it. run_reward_stage runs it as Ray tasks on the stage's worker resources."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from .tokenizer import load_tokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype]).to(device).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype]).to(device).eval() if base_dir else None
     pad = load_tokenizer(model_dir).pad_token_id
-    out = {k: np.zeros((len(pairs["chosen_ids"]), 2)) for k in ("score", "liked", "row_len", "reply_len")}
+    columns = ("score", "row_len", "reply_len") + (("liked",) if base else ())
+    out = {k: np.zeros((len(pairs["chosen_ids"]), 2)) for k in columns}
     # Scored in order of length, so that a batch holds pairs of about one length and scores() trims most padding.
     lengths = np.maximum((pairs["chosen_ids"] != pad).sum(1), (pairs["rejected_ids"] != pad).sum(1))
     order = np.argsort(lengths, kind="stable")
@@ -325,8 +351,9 @@ def pair_scores(model_dir: str, base_dir: str, pairs: dict[str, np.ndarray], dty
             both = np.concatenate([pairs["chosen_ids"][rows], pairs["rejected_ids"][rows]])
             reply_lens = np.concatenate([pairs["chosen_reply_len"][rows], pairs["rejected_reply_len"][rows]])
             columns = {"score": scores(model, torch.as_tensor(both).to(device), pad).cpu().numpy(),
-                       "liked": reply_likelihood(base, both, reply_lens, pad, device),
                        "row_len": (both != pad).sum(1), "reply_len": reply_lens}
+            if base:
+                columns["liked"] = reply_likelihood(base, both, reply_lens, pad, device)
             for k, v in columns.items():
                 out[k][rows] = np.stack([v[:n], v[n:]], axis=1)  # column 0: chosen, 1: rejected
     return out
@@ -372,52 +399,54 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     `source` on the pairs (its half, rm.pair_half; each source's share: rm.pair_fractions), measure held-out
     pairwise accuracy, and write accuracy.json/md, summary.json and the run's lineage."""
     from .lineage import record_stage
-    from .packing import keep_sampled
+    from .packing import files_fingerprint
     from .tokenizer import load_tokenizer
     from .trainer import fit, steps_for, summarize_history
 
     train_cfg = stage_config(cfg, stage)
     started, out = time.time(), cfg.stage_dir(stage)
-    pairs = read_pairs(cfg).materialize()  # a few MB of text; both splits are read from it
-    train = pairs.filter(lambda r: r["split"] == "train")
-    if train_cfg.pair_half:
-        train = train.map_batches(in_half, batch_format="pyarrow", fn_kwargs={"half": train_cfg.pair_half})
-    # Each source's share of its training pairs (rm.pair_fractions), by a hash of the pair.
-    train = train.map_batches(
-        keep_sampled, batch_format="pyarrow", fn_kwargs={"fractions": dict(train_cfg.pair_fractions),
-                                                         "seed": train_cfg.seed, "group": "source",
-                                                         "keys": ("prompt", "rejected"), "salt": "rm-share"})
-    train = train.materialize()  # counted twice below
-    trained_on = Counter(train.select_columns(["source"]).to_pandas()["source"])
-    train = train.random_shuffle(seed=train_cfg.seed)  # sources are in blocks
-    # The held-out pairs, tokenized once by Ray Data: a seeded sample of them is the training's held-out loss, all
-    # of them the accuracy below.
-    tokenized = list(tokenized_pairs(cfg, pairs.filter(lambda r: r["split"] == "test")).iter_batches(
-        batch_size=None, batch_format="numpy"))
-    held_out = {k: np.concatenate([b[k] for b in tokenized]) for k in tokenized[0]}
+    pad_id = load_tokenizer(cfg.model_path).pad_token_id
+    pairs = read_pairs(cfg)
+    train = training_pairs(pairs, train_cfg)
+    trained_on = Counter(train.column("source").to_pylist())
+    # A seeded sample of the held-out pairs is the training's held-out loss, all of them the accuracy below.
+    held_out = padded(pairs.filter(pc.equal(pairs["split"], "test")), pad_id, cfg.seq.max_len)
     sample = np.random.default_rng(train_cfg.seed).permutation(len(held_out["source"]))[:train_cfg.eval_rows]
     eval_rows = {k: v[sample] for k, v in held_out.items() if k != "source"}
-    pad_id = load_tokenizer(cfg.model_path).pad_token_id
-    stream = tokenized_pairs(cfg, train).map_batches(
-        length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="numpy",
-        fn_kwargs={"micro_batch": train_cfg.micro_batch, "pad_id": pad_id})
-    result = fit(cfg, RewardTask(source, pad_id, stage), train_cfg, stream, steps_for(train_cfg, train.count()),
+    # Shuffled (the sources come in blocks), then grouped by length.
+    tokenized = train.select(["chosen_ids", "rejected_ids", "chosen_reply_len", "rejected_reply_len", "source"])
+    stream = ray.data.from_arrow(tokenized).random_shuffle(
+        seed=train_cfg.seed).map_batches(length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="pyarrow",
+        fn_kwargs={"micro_batch": train_cfg.micro_batch, "pad_id": pad_id, "max_len": cfg.seq.max_len})
+    result = fit(cfg, RewardTask(source, pad_id, stage), train_cfg, stream, steps_for(train_cfg, train.num_rows),
                  eval_rows)
     if result.error:
         raise SystemExit(f"[{stage}] training failed: {result.error}")
 
-    # Two models at once, in the stage's dtype, on each training worker's resources (a GPU on the real presets),
-    # now free, each scoring a share of the pairs; not in the driver (the pairs travel through the object store).
-    # Every num_workers-th pair by length to each task: as much work each, so none waits on another.
+    # On each training worker's resources (a GPU on the real presets), now free, each task scoring a share of the
+    # pairs; not in the driver (the pairs travel through the object store). Every num_workers-th pair by length to
+    # each task: as much work each, so none waits on another. The SFT model's likelihoods are the same for the reward
+    # model and the judge: computed once, kept beside the pairs under the SFT model's fingerprint.
     by_length = np.argsort((held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1),
                            kind="stable")
     shards = [by_length[i::train_cfg.num_workers] for i in range(train_cfg.num_workers)]
     order = np.concatenate(shards)
+    liked = pair_table(cfg) / f"sft_likelihood-{files_fingerprint(Path(source))}.npy"
+    known = liked.exists()
     task = ray.remote(pair_scores).options(num_cpus=train_cfg.cpus_per_worker, num_gpus=train_cfg.gpus_per_worker)
-    scored = ray.get([task.remote(str(out / "final"), source, {k: v[rows] for k, v in held_out.items() if k != "source"},
-                                  cfg.model.dtype) for rows in shards])
-    accuracy = pairwise_accuracy({k: np.concatenate([s[k] for s in scored]) for k in scored[0]},
-                                 held_out["source"][order])
+    scored = ray.get([task.remote(str(out / "final"), None if known else source,
+                                  {k: v[rows] for k, v in held_out.items() if k != "source"}, cfg.model.dtype)
+                      for rows in shards])
+    scored = {k: np.concatenate([s[k] for s in scored]) for k in scored[0]}  # pairs in `order`
+    if known:
+        scored["liked"] = np.load(liked)[order]
+    else:  # saved in the held-out pairs' own order
+        by_pair = np.empty_like(scored["liked"])
+        by_pair[order] = scored["liked"]
+        partial = liked.with_suffix(".partial.npy")
+        np.save(partial, by_pair)
+        partial.rename(liked)
+    accuracy = pairwise_accuracy(scored, held_out["source"][order])
     for name, row in accuracy["per_source"].items():
         row["train_pairs"] = trained_on.get(name, 0)
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))

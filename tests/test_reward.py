@@ -33,7 +33,7 @@ def test_score_is_taken_at_the_last_real_token_and_the_loss_is_the_pairwise_log_
     model = AutoModelForSequenceClassification.from_config(config).eval()
     pad = tokenizer.pad_token_id
     chosen, rejected = [5, 9, 12, 7], [5, 9, 30]
-    width = 8  # right-padded, as TokenizePairs writes them
+    width = 8  # right-padded, as reward_model.padded makes them
     batch = {k: torch.tensor([ids + [pad] * (width - len(ids))]) for k, ids in
              (("chosen_ids", chosen), ("rejected_ids", rejected))}
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_the_base_models_preference_is_its_mean_log_prob_per_reply_token(tokeniz
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(build_config(mc, tokenizer)).eval()
     pad = tokenizer.pad_token_id
-    rows = [([5, 9], [12, 7, 3]), ([5, 9, 14, 2], [30])]  # (prompt, reply), right-padded as TokenizePairs writes them
+    rows = [([5, 9], [12, 7, 3]), ([5, 9, 14, 2], [30])]  # (prompt, reply), right-padded as reward_model.padded makes them
     ids = np.array([p + r + [pad] * (8 - len(p) - len(r)) for p, r in rows])
     with torch.no_grad():
         got = reward_model.reply_likelihood(model, ids, np.array([len(r) for _, r in rows]), pad)
@@ -150,16 +150,36 @@ def test_the_judge_trains_on_the_other_half_of_the_pairs_with_the_next_seed():
         reward_model.stage_config(load_config(["rm.pair_half=0"]), "judge")
 
 
-def test_length_groups_make_micro_batches_of_one_length_and_keep_every_pair():
+def test_pairs_are_tokenized_unpadded_with_whole_replies_and_the_prompt_cut_from_the_left(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    tokenize = reward_model.TokenizePairs(str(tmp_path), "", max_len=48)
+    pairs = pa.table({"prompt": ["发热咳嗽", "头痛" * 40], "chosen": ["布洛芬片", "阿莫西林"], "rejected": ["呼吸内科", "某"],
+                      "source": ["a", "b"], "split": ["train", "test"]})
+    out = tokenize(pairs)
+    assert out.column_names[:5] == pairs.column_names  # the pair, then its tokens
+    for i, row in enumerate(pairs.to_pylist()):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)
+        head = tokenizer(head, add_special_tokens=False)["input_ids"]
+        for side in ("chosen", "rejected"):
+            reply_ids = tokenizer(row[side] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            assert out.column(f"{side}_reply_len")[i].as_py() == len(reply_ids)
+            # The short pair whole; of the long one, the reply and the end of the prompt.
+            assert out.column(f"{side}_ids")[i].as_py() == (head + reply_ids)[-48:]
+    assert len(out.column("chosen_ids")[1].as_py()) == 48 and len(out.column("chosen_ids")[0].as_py()) < 48
+
+
+def test_length_groups_pad_and_make_micro_batches_of_one_length_and_keep_every_pair():
     rng = np.random.default_rng(0)
     lengths = rng.permutation([5] * 16 + [200] * 16)  # KG-sized and preference-sized pairs, mixed
-    ids = np.zeros((32, 256), dtype=np.int64)  # pad 0
-    for i, n in enumerate(lengths):
-        ids[i, :n] = i + 1  # the row's identity
-    batch = {"chosen_ids": ids, "rejected_ids": ids.copy(), "source": np.array([str(i) for i in range(32)], dtype=object)}
-    grouped = reward_model.length_groups(batch, micro_batch=8, pad_id=0)
+    ids = [[i + 1] * n for i, n in enumerate(lengths)]  # the row's identity, unpadded as TokenizePairs writes them
+    batch = pa.table({"chosen_ids": ids, "rejected_ids": ids, "chosen_reply_len": [2] * 32, "rejected_reply_len": [3] * 32,
+                      "source": [str(i) for i in range(32)]})
+    grouped = reward_model.length_groups(batch, micro_batch=8, pad_id=0, max_len=256)
+    assert grouped["chosen_ids"].shape == (32, 256) and grouped["chosen_ids"].dtype == np.int64  # right-padded
     assert sorted(grouped["chosen_ids"][:, 0]) == list(range(1, 33))  # every pair, once
     assert grouped["source"].tolist() == [str(i - 1) for i in grouped["chosen_ids"][:, 0]]  # columns stay aligned
+    assert (grouped["chosen_reply_len"] == 2).all() and (grouped["rejected_reply_len"] == 3).all()
     widths = (grouped["chosen_ids"] != 0).sum(1).reshape(4, 8)
     assert all(len(set(w)) == 1 for w in widths)  # each micro-batch is of one length: no padding to trim
     assert sorted(widths[:, 0]) == [5, 5, 200, 200]

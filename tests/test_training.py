@@ -9,11 +9,16 @@ import sys
 import threading
 import time
 
+import numpy as np
 import psutil
+import pyarrow.compute as pc
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from clinicalgpt import reward_model
 from clinicalgpt.config import load_config
+from clinicalgpt.tokenizer import load_tokenizer
 from conftest import REPO, history, isolated_run, scrape_metrics, stage_args, wait_for_step
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +66,21 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     trained_on = [sum(row["train_pairs"] for row in a["per_source"].values()) for a in (accuracy, judge)]
     assert 0.85 < trained_on[1] / trained_on[0] < 1.15, trained_on  # about as many pairs as the reward model
     assert AutoModelForSequenceClassification.from_pretrained(summaries["judge"]["model"]).config.num_labels == 1
+    # The SFT model's likelihoods of the held-out replies, computed once (by the reward model) for both: the same
+    # baseline, and the kept value of a pair is that pair's own, computed here again.
+    assert ({s: r["base_likelihood"] for s, r in judge["per_source"].items()}
+            == {s: r["base_likelihood"] for s, r in accuracy["per_source"].items()})
+    [kept] = (cfg.data_dir / "pairs").glob("sft_likelihood-*.npy")
+    liked, pairs = np.load(kept), reward_model.read_pairs(cfg)
+    pad = load_tokenizer(cfg.model_path).pad_token_id
+    held_out = reward_model.padded(pairs.filter(pc.equal(pairs["split"], "test")), pad, cfg.seq.max_len)
+    sft = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft") / "final").eval()
+    rows = [0, len(liked) // 2, len(liked) - 1]
+    with torch.no_grad():
+        for column, side in enumerate(("chosen", "rejected")):
+            again = reward_model.reply_likelihood(sft, held_out[f"{side}_ids"][rows],
+                                                  held_out[f"{side}_reply_len"][rows], pad)
+            assert again == pytest.approx(liked[rows, column], abs=1e-4)
 
 
 def train_workers() -> list[psutil.Process]:
