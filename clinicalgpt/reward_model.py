@@ -199,8 +199,8 @@ def pair_table(cfg: Config) -> Path:
 
 
 def read_pairs(cfg: Config) -> pa.Table:
-    """The pair table (pair_table), in the order it was written: a few MB for the tiny preset's corpora, read whole
-    by the reward stage's driver, which picks its pairs from it."""
+    """The pair table (pair_table), in the order it was written: 8 MB for the tiny preset's corpora, read whole by
+    the reward stage's driver, which picks its pairs from it."""
     import pyarrow.parquet as pq
     return pq.read_table(sorted(str(f) for f in pair_table(cfg).glob("*.parquet")))
 
@@ -416,8 +416,8 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     eval_rows = {k: v[sample] for k, v in held_out.items() if k != "source"}
     # Shuffled (the sources come in blocks), then grouped by length.
     tokenized = train.select(["chosen_ids", "rejected_ids", "chosen_reply_len", "rejected_reply_len", "source"])
-    stream = ray.data.from_arrow(tokenized).random_shuffle(
-        seed=train_cfg.seed).map_batches(length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="pyarrow",
+    stream = ray.data.from_arrow(tokenized).random_shuffle(seed=train_cfg.seed).map_batches(
+        length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="pyarrow",
         fn_kwargs={"micro_batch": train_cfg.micro_batch, "pad_id": pad_id, "max_len": cfg.seq.max_len})
     result = fit(cfg, RewardTask(source, pad_id, stage), train_cfg, stream, steps_for(train_cfg, train.num_rows),
                  eval_rows)
