@@ -39,7 +39,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if m["role"] != "assistant":
             continue
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        through = text if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not text.startswith(through):
             raise ValueError("the chat template is not prefix-stable; response masks cannot be derived")
         spans.append((start, len(through)))

@@ -104,13 +104,13 @@ def ppo_args(run_root: Path, cfg, steps: int, *extra: str) -> list[str]:
             "ppo.checkpoint_every=10", *SMALL_PPO, *extra]
 
 
-def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0, timeout: float = 400) -> int:
-    """Wait until a history row past the first `after` rows reaches `step`; the number of rows then."""
+def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0, timeout: float = 400) -> None:
+    """Wait until a history row past the first `after` rows reaches `step`."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         if any(r["step"] >= step for r in rows[after:]):
-            return len(rows)
+            return
         time.sleep(1)
     raise AssertionError(f"step {step} not reached (job exit code {proc.poll()})")
 

@@ -121,13 +121,15 @@ def test_sft_across_two_nodes_survives_a_killed_worker_then_a_lost_node(trained,
         scraped = {}
         scraper = threading.Thread(target=lambda: scraped.update(scrape_metrics(TRAIN_METRICS, endpoints, 300)))
         scraper.start()
-        killed_after = wait_for_step(path, 3, proc)
+        wait_for_step(path, 3, proc)
         workers = train_workers()
         assert len(workers) == 2, workers
         workers[-1].kill()  # one rank dies mid-run; the job itself keeps going
-        removed_after = wait_for_step(path, 5, proc, after=killed_after)  # replaced, past the step-4 checkpoint
+        killed_after = len(history(run, "sft"))  # the rows before the restart (a step may have ended since the poll)
+        wait_for_step(path, 5, proc, after=killed_after)  # replaced, past the step-4 checkpoint
         cluster.remove_node(nodes[1], allow_graceful=False)  # a node lost mid-run, with its training worker
         removed_at = time.time()
+        removed_after = len(history(run, "sft"))
         wait_for_step(path, 1, proc, after=removed_after, timeout=600)
         recovery = time.time() - removed_at
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
