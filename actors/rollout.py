@@ -166,7 +166,8 @@ class RolloutActor:
         if not self.uses_vllm:
             return self._continuation_logprobs_transformers(prompts, continuations)
         from vllm import SamplingParams
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        # The values alone: decoding every prompt token to text cost 12% of the call.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompts, continuations)], params,
                                     use_tqdm=False)
         return [[step[t].logprob for step, t in zip(out.prompt_logprobs[len(p):], c)]

@@ -6,6 +6,7 @@ packed streams that pretrain and SFT read, the reward model's pairs, and the man
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -78,6 +79,8 @@ class CountTokens:
     records over max_len. What packing gives is in each packed stream's summary."""
 
     def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
+        # The pass's only actor (token_counts): its tokenizer may use the cores the pass leaves idle.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
         self.max_len = max_len
 

@@ -29,27 +29,33 @@ from .records import hash_fraction
 IGNORE = -100
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans of its assistant turns (including end-of-turn).
+def render(tokenizer, chats: list[list[dict]], **options) -> list[str]:
+    """Each chat through the chat template, in one call (transformers' set-up once per batch, not per chat)."""
+    return tokenizer.apply_chat_template(chats, tokenize=False, **options) if chats else []
+
+
+def assistant_spans(tokenizer, chats: list[list[dict]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Each chat rendered, with the character spans of its assistant turns (including end-of-turn).
 
     Spans come from rendering growing prefixes, so any prefix-stable chat template works."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        through = text if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not text.startswith(through):
+    texts = render(tokenizer, chats)
+    turns = [(c, i) for c, chat in enumerate(chats) for i, m in enumerate(chat) if m["role"] == "assistant"]
+    starts = render(tokenizer, [chats[c][:i] for c, i in turns], add_generation_prompt=True)
+    inner = [(c, i) for c, i in turns if i < len(chats[c]) - 1]  # a last turn ends where its whole chat does
+    throughs = dict(zip(inner, render(tokenizer, [chats[c][:i + 1] for c, i in inner])))
+    spans: list[list[tuple[int, int]]] = [[] for _ in chats]
+    for (c, i), start in zip(turns, starts):
+        through = throughs.get((c, i), texts[c])
+        if not texts[c].startswith(through):
             raise ValueError("the chat template is not prefix-stable; response masks cannot be derived")
-        spans.append((start, len(through)))
-    return text, spans
+        spans[c].append((len(start), len(through)))
+    return list(zip(texts, spans))
 
 
 def tokenize_chats(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per chat; labels copy the ids of tokens that start inside an assistant span,
     else IGNORE."""
-    rendered = [assistant_spans(tokenizer, chat) for chat in chats]
+    rendered = assistant_spans(tokenizer, chats)
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):

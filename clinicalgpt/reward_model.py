@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -212,27 +213,23 @@ class TokenizePairs:
 
     def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
         from .tokenizer import load_tokenizer
+        # The pass's only actor (pair_table): its tokenizer may use the cores the pass leaves idle.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         self.tok = load_tokenizer(tokenizer_path, chat_template)
         self.max_len = max_len
 
-    def encode(self, prompt: str, reply: str) -> tuple[list[int], int]:
-        head = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                            add_generation_prompt=True)
-        prompt_ids = self.tok(head, add_special_tokens=False)["input_ids"]
-        reply_ids = self.tok(reply + self.tok.eos_token, add_special_tokens=False)["input_ids"][: self.max_len // 2]
-        keep = self.max_len - len(reply_ids)
-        return prompt_ids[-keep:] + reply_ids, len(reply_ids)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = {"chosen_ids": [], "rejected_ids": [], "chosen_reply_len": [], "rejected_reply_len": []}
-        for p, c, r in zip(*(batch.column(k).to_pylist() for k in ("prompt", "chosen", "rejected"))):
-            for side, reply in (("chosen", c), ("rejected", r)):
-                ids, reply_len = self.encode(p, reply)
-                out[f"{side}_ids"].append(ids)
-                out[f"{side}_reply_len"].append(reply_len)
+        from .packing import render
+        heads = render(self.tok, [[{"role": "user", "content": p}] for p in batch.column("prompt").to_pylist()],
+                       add_generation_prompt=True)
+        prompts = self.tok(heads, add_special_tokens=False)["input_ids"]
         for side in ("chosen", "rejected"):
-            batch = batch.append_column(f"{side}_ids", pa.array(out[f"{side}_ids"], type=pa.list_(pa.int32())))
-            batch = batch.append_column(f"{side}_reply_len", pa.array(out[f"{side}_reply_len"], type=pa.int32()))
+            replies = self.tok([r + self.tok.eos_token for r in batch.column(side).to_pylist()],
+                               add_special_tokens=False)["input_ids"]
+            replies = [r[: self.max_len // 2] for r in replies]
+            ids = [prompt[-(self.max_len - len(reply)):] + reply for prompt, reply in zip(prompts, replies)]
+            batch = batch.append_column(f"{side}_ids", pa.array(ids, type=pa.list_(pa.int32())))
+            batch = batch.append_column(f"{side}_reply_len", pa.array([len(r) for r in replies], type=pa.int32()))
         return batch
 
 
