@@ -237,9 +237,9 @@ def padded(pairs: pa.Table, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
     """Tokenized pairs as numpy: chosen/rejected ids right-padded to max_len, the reply lengths, the sources."""
     out = {}
     for side in ("chosen", "rejected"):
+        rows = pairs.column(f"{side}_ids").combine_chunks()
         ids = np.full((pairs.num_rows, max_len), pad_id, dtype=np.int64)
-        for i, row in enumerate(pairs.column(f"{side}_ids").to_pylist()):
-            ids[i, :len(row)] = row
+        ids[np.arange(max_len) < pc.list_value_length(rows).to_numpy()[:, None]] = rows.flatten().to_numpy()
         out[f"{side}_ids"] = ids
         out[f"{side}_reply_len"] = pairs.column(f"{side}_reply_len").to_numpy().astype(np.int64)
     out["source"] = np.array(pairs.column("source").to_pylist(), dtype=object)
