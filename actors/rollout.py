@@ -68,16 +68,49 @@ def _reload_weights(worker, blob: bytes | None = None, path: str | None = None) 
         worker.reload_weights(weights_iterator=iter(pickle.loads(blob).items()))
 
 
+def continuation_logprobs(llm, prompts: list[list[int]], continuations: list[list[int]],
+                          read_cache: bool = True) -> list[list[float]]:
+    """log p(token | everything before it) of each continuation token after its prompt, from a vLLM engine.
+    Reading the prefix cache, continuations of one prompt (an exam item's options) reuse its keys and values;
+    without (vLLM's default for prompt log-probs), each request computes its whole prompt."""
+    from vllm import SamplingParams
+
+    def score(rows: list[int], read: bool) -> list:
+        # The values alone (decoding every prompt token to text cost 12% of the call), as flat lists.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                flat_logprobs=True, skip_reading_prefix_cache=not read)
+        return llm.generate([{"prompt_token_ids": prompts[i] + continuations[i]} for i in rows], params,
+                            use_tqdm=False)
+
+    outputs = score(range(len(prompts)), read_cache)
+    # vLLM computes no log-probs for a request's cached tokens: one whose cache hit reached into its continuation
+    # is scored again without reading the cache.
+    again = [i for i, out in enumerate(outputs) if out.num_cached_tokens >= len(prompts[i])]
+    for i, out in zip(again, score(again, read=False) if again else []):
+        outputs[i] = out
+    scored = []
+    for out, p, c in zip(outputs, prompts, continuations):
+        steps = out.prompt_logprobs[len(p):]
+        assert steps.token_ids == c, "one log-prob per prompt token, the token's own (prompt_logprobs=0)"
+        scored.append(steps.logprobs)
+    return scored
+
+
 @ray.remote
 class RolloutActor:
     def __init__(self, model_path: str, max_model_len: int, seed: int, engine: EngineConfig,
                  dtype: str = "float32", weight_transfer: str = ""):
         os.environ.update(ROLLOUT_ENV)
+        cpu_args = {}
         if not ray.get_gpu_ids():
             # On CPUs the engine core runs in this actor's process: in a process of its own (vLLM's default, kept
             # on GPUs, where it overlaps scheduling with the GPU's work) it starts 12 s slower, for nothing
             # (bench/engine_start.py). A job's runtime env may still set the variable to 1.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # KV cache blocks of 32 tokens (the CPU attention's smallest) instead of vLLM's 128 on CPUs: prefix
+            # caching reuses whole blocks, so an exam question (~90 tokens) shared by its options is reused at
+            # all; decoding was no slower (docs/benchmarks.md).
+            cpu_args = {"block_size": 32}
         self.uses_vllm = importlib.util.find_spec("vllm") is not None
         if self.uses_vllm:
             from vllm import LLM
@@ -89,7 +122,7 @@ class RolloutActor:
             self.llm = LLM(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine.vllm_args(),
                            **parallel,
                            logprobs_mode="processed_logprobs",  # after temperature and top_p: see generate()
-                           **transfer)
+                           **transfer, **cpu_args)
         else:
             warnings.warn("vLLM is not installed: rollouts fall back to transformers generation (slow); "
                           "install the cpu or gpu extra")
@@ -165,13 +198,7 @@ class RolloutActor:
         fixed answers, e.g. exam options, with the engine that generates)."""
         if not self.uses_vllm:
             return self._continuation_logprobs_transformers(prompts, continuations)
-        from vllm import SamplingParams
-        # The values alone: decoding every prompt token to text cost 12% of the call.
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompts, continuations)], params,
-                                    use_tqdm=False)
-        return [[step[t].logprob for step, t in zip(out.prompt_logprobs[len(p):], c)]
-                for out, p, c in zip(outputs, prompts, continuations)]
+        return continuation_logprobs(self.llm, prompts, continuations)
 
     def _continuation_logprobs_transformers(self, prompts, continuations) -> list[list[float]]:
         out = []

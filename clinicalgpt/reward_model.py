@@ -199,11 +199,11 @@ def pair_table(cfg: Config) -> Path:
     return built_once(cfg.data_dir / "pairs", shape, build)
 
 
-def read_pairs(cfg: Config) -> pa.Table:
-    """The pair table (pair_table), in the order it was written: 8 MB for the tiny preset's corpora, read whole by
-    the reward stage's driver, which picks its pairs from it."""
+def read_pairs(folder: Path) -> pa.Table:
+    """The pair table (pair_table's folder), in the order it was written: 8 MB for the tiny preset's corpora, read
+    whole by the reward stage's driver, which picks its pairs from it."""
     import pyarrow.parquet as pq
-    return pq.read_table(sorted(str(f) for f in pair_table(cfg).glob("*.parquet")))
+    return pq.read_table(sorted(str(f) for f in folder.glob("*.parquet")))
 
 
 class TokenizePairs:
@@ -404,7 +404,8 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     train_cfg = stage_config(cfg, stage)
     started, out = time.time(), cfg.stage_dir(stage)
     pad_id = load_tokenizer(cfg.model_path).pad_token_id
-    pairs = read_pairs(cfg)
+    pairs_dir = pair_table(cfg)
+    pairs = read_pairs(pairs_dir)
     train = training_pairs(pairs, train_cfg)
     trained_on = Counter(train.column("source").to_pylist())
     # A seeded sample of the held-out pairs is the training's held-out loss, all of them the accuracy below.
@@ -429,7 +430,7 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
                            kind="stable")
     shards = [by_length[i::train_cfg.num_workers] for i in range(train_cfg.num_workers)]
     order = np.concatenate(shards)
-    liked = pair_table(cfg) / f"sft_likelihood-{files_fingerprint(Path(source))}.npy"
+    liked = pairs_dir / f"sft_likelihood-{files_fingerprint(Path(source))}.npy"
     known = liked.exists()
     task = ray.remote(pair_scores).options(num_cpus=train_cfg.cpus_per_worker, num_gpus=train_cfg.gpus_per_worker)
     scored = ray.get([task.remote(str(out / "final"), None if known else source,

@@ -28,6 +28,9 @@ JOB_ENV = {
     # cannot happen waits this long before Train retries at the size left (Ray's default: 60 s).
     # An autoscaling cluster that takes minutes to add nodes can raise it.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20"),
+    # How often Ray Train's controller polls its workers, so how late it notices that they finished or failed
+    # (Ray's default: 2 s); a poll is one call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
 }
 
 

@@ -153,6 +153,25 @@ def test_after_a_weight_push_the_engine_decodes_exactly_like_the_learner(grpo_ro
     assert np.isfinite(first["reward"]) and first["reward"] != second["reward"]  # the reward model's scores
 
 
+def test_the_engine_scores_continuations_of_a_cached_prompt_like_the_learner(grpo_roles):
+    """The evaluation's exam option likelihoods: continuations of one prompt reuse its cached blocks (32 tokens on
+    CPUs); one whose cache hit reaches into its continuation is scored again. Both agree with the learner."""
+    cfg, roles, stream = grpo_roles
+    tokens = [t for p in stream.take(8) for t in p]
+    head = tokens[:70]
+    answers = [tokens[100:103], tokens[100:102] + [tokens[110]], tokens[120:125]]  # two share their first tokens
+    # The first 64 tokens of the prompts cached; the 64-token prompt's hit then ends where its continuation starts.
+    prompts, continuations = [head, head[:64]] * 3, [a for a in answers for _ in range(2)]
+    engine = roles.rollout.engines[0]
+    ray.get(engine.continuation_logprobs.remote([head], [answers[0]]))
+    scored = ray.get(engine.continuation_logprobs.remote(prompts, continuations))
+    batch = build_batch(prompts, continuations, roles.pad_id)
+    learner = ray.get(roles.learners.ranks[0].logprobs_and_values.remote(batch, 0.0))["logprobs"]
+    for i, c in enumerate(continuations):
+        assert len(scored[i]) == len(c)
+        assert np.abs(np.array(scored[i]) - learner[i][batch["response_mask"][i] > 0]).max() < 1e-3, i
+
+
 def test_ptx_adds_the_language_model_loss_of_the_sft_stream_to_each_policy_update(grpo_roles):
     from clinicalgpt import rl
     from clinicalgpt.rlhf.prompts import PtxStream

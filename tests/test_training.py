@@ -71,7 +71,7 @@ def test_pretrain_held_out_loss_falls_then_sft_and_rm_export_hf_models(trained):
     assert ({s: r["base_likelihood"] for s, r in judge["per_source"].items()}
             == {s: r["base_likelihood"] for s, r in accuracy["per_source"].items()})
     [kept] = (cfg.data_dir / "pairs").glob("sft_likelihood-*.npy")
-    liked, pairs = np.load(kept), reward_model.read_pairs(cfg)
+    liked, pairs = np.load(kept), reward_model.read_pairs(cfg.data_dir / "pairs")
     pad = load_tokenizer(cfg.model_path).pad_token_id
     held_out = reward_model.padded(pairs.filter(pc.equal(pairs["split"], "test")), pad, cfg.seq.max_len)
     sft = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft") / "final").eval()

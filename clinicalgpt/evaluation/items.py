@@ -67,9 +67,9 @@ def answer_all(cfg: Config, name: str, path: str, engines: list, items: dict[str
     return answers
 
 
-def option_likelihood(tok, engines: list, rows: list[dict]) -> list[str]:
-    """For each exam item, the option whose reply ("答案：X。text", the SFT format) the model gives the
-    highest mean log-prob per token."""
+def option_requests(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[int]], list[tuple[int, str]]]:
+    """Each exam item's options as token ids: the item's prompt and the option's reply ("答案：X。text", the SFT
+    format); and the (item, letter) of each."""
     prompts, continuations, owners = [], [], []
     for i, r in enumerate(rows):
         head = prompt_ids(tok, r["messages"])
@@ -77,6 +77,13 @@ def option_likelihood(tok, engines: list, rows: list[dict]) -> list[str]:
             prompts.append(head)
             continuations.append(tok(f"答案：{letter}。{text}", add_special_tokens=False)["input_ids"])
             owners.append((i, letter))
+    return prompts, continuations, owners
+
+
+def option_likelihood(tok, engines: list, rows: list[dict]) -> list[str]:
+    """For each exam item, the option whose reply (option_requests) the model gives the highest mean log-prob per
+    token."""
+    prompts, continuations, owners = option_requests(tok, rows)
     chunks = np.array_split(np.arange(len(prompts)), len(engines))
     refs = [a.continuation_logprobs.remote([prompts[i] for i in c], [continuations[i] for i in c])
             for a, c in zip(engines, chunks) if len(c)]
