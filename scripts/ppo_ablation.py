@@ -5,6 +5,8 @@ the run's judge (a reward model PPO was not trained against).
     .venv/bin/python scripts/ppo_ablation.py [--run-dir runs/tiny] [--seeds 0 1 2] [--arms today ptx ...]
         [--out docs/ablation.md] [key=value ...]
 
+The arms by default: today's PPO, each control, all of them; the follow-ups (FOLLOW_UPS) by name.
+
 Each arm x seed runs jobs/ppo.py (a driver of its own on one Ray cluster the script starts, as the recipe does)
 in its own run folder, <run-dir>/ablation/<arm>-s<seed>, which links the run's data, base, sft and rm; a run
 whose summary.json exists is kept, so a rerun goes on where one stopped. Then one evaluation (jobs/eval.py's)
@@ -46,8 +48,13 @@ CONTROLS = {
     # to the limit), fast enough to act within 20 steps of 64 samples.
     "adaptive_kl": {"ppo.kl_controller": "adaptive", "ppo.kl_target": "2", "ppo.kl_horizon": "128"},
 }
-ARMS = {"today": TODAY, **{name: {**TODAY, **c} for name, c in CONTROLS.items()},
-        "all": {**TODAY, **{k: v for c in CONTROLS.values() for k, v in c.items()}}}
+# After the first ablation (docs/ablation.md: ptx came closest, with more degenerate answers than SFT's): more of
+# the SFT stream's pull, and ptx with the truncation penalty alone. Run with --arms.
+FOLLOW_UPS = {"ptx_1": {"ppo.ptx_coef": "1"}, "ptx_2": {"ppo.ptx_coef": "2"},
+              "ptx_truncated": {"ppo.ptx_coef": "0.5", "ppo.truncated_score": "-1"}}
+FIRST = {"today": TODAY, **{name: {**TODAY, **c} for name, c in CONTROLS.items()},
+         "all": {**TODAY, **{k: v for c in CONTROLS.values() for k, v in c.items()}}}
+ARMS = {**FIRST, **{name: {**TODAY, **c} for name, c in FOLLOW_UPS.items()}}
 SHARED = ("data", "base", "sft", "rm")  # what every arm's run folder links from the recipe run
 # metric -> (label, where it comes from); higher is better unless noted in the label.
 METRICS = {
@@ -197,7 +204,7 @@ def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "tiny", help="a recipe run: runs/<preset>")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(FIRST), choices=list(ARMS))
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "ablation.md")
     args, extra = ap.parse_known_args(argv)
     run_dir = args.run_dir.expanduser().resolve()

@@ -46,3 +46,4 @@ def test_every_arm_states_every_control():
     for arm, settings in ablation.ARMS.items():
         assert keys <= set(settings), arm
     assert ablation.ARMS["all"] == {**ablation.TODAY, **{k: v for c in ablation.CONTROLS.values() for k, v in c.items()}}
+    assert ablation.ARMS["ptx_2"] == {**ablation.TODAY, "ppo.ptx_coef": "2"}
