@@ -198,6 +198,9 @@ class PPOConfig:
     # The score of a response cut at max_new_tokens (no EOS) in place of the reward's, e.g. -1 so that
     # unfinished answers lose; None: scored like any other.
     truncated_score: float | None = None
+    # The score of a degenerate response (empty, or one phrase repeated: evaluation.metrics.degenerate, what the
+    # output health counts) in place of the reward's, e.g. -1; None: scored like any other.
+    degenerate_score: float | None = None
     # Subtracted from the score times the response's share of max_new_tokens: pays back a reward model that
     # favours long answers (its length bias: rm/accuracy.json); 0 = off.
     length_penalty: float = 0.0

@@ -53,16 +53,18 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, bet
 
 
 def response_scores(scores: torch.Tensor, truncated: torch.Tensor, truncated_score: float | None,
-                    lengths: torch.Tensor | None = None, length_penalty: float = 0.0, max_new_tokens: int = 1
-                    ) -> torch.Tensor:
+                    lengths: torch.Tensor | None = None, length_penalty: float = 0.0, max_new_tokens: int = 1,
+                    degenerate: torch.Tensor | None = None, degenerate_score: float | None = None) -> torch.Tensor:
     """The reward of each response: its score less length_penalty x its share of the token limit (lengths /
-    max_new_tokens; a counterweight to a reward model that favours long answers), or truncated_score (when not
-    None) for a response the length limit cut (no EOS): an unfinished answer gets a fixed score, whatever its text."""
+    max_new_tokens; a counterweight to a reward model that favours long answers); or truncated_score (when not
+    None) for a response the length limit cut (no EOS): an unfinished answer gets a fixed score, whatever its text;
+    or degenerate_score (when not None) for a degenerate one (empty, or one phrase repeated), cut or not."""
     if length_penalty:
         scores = scores - length_penalty * lengths.to(scores.dtype) / max_new_tokens
-    if truncated_score is None:
-        return scores
-    return torch.where(truncated, torch.as_tensor(truncated_score, dtype=scores.dtype), scores)
+    for flags, fixed in ((truncated, truncated_score), (degenerate, degenerate_score)):
+        if fixed is not None:
+            scores = torch.where(flags, torch.as_tensor(fixed, dtype=scores.dtype), scores)
+    return scores
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float

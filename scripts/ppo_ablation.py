@@ -39,7 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Every arm states every control, so that a changed default leaves today's arm as it was.
-TODAY = {"ppo.ptx_coef": "0", "ppo.truncated_score": "null", "ppo.length_penalty": "0", "ppo.kl_controller": "fixed"}
+TODAY = {"ppo.ptx_coef": "0", "ppo.truncated_score": "null", "ppo.degenerate_score": "null", "ppo.length_penalty": "0",
+         "ppo.kl_controller": "fixed"}
 CONTROLS = {
     "ptx": {"ppo.ptx_coef": "0.5"},  # InstructGPT's PPO-ptx: the SFT stream's LM loss in each policy update
     # A response cut at the limit scores -1 (below the SFT policy's mean score), and each token costs a little.
@@ -49,9 +50,11 @@ CONTROLS = {
     "adaptive_kl": {"ppo.kl_controller": "adaptive", "ppo.kl_target": "2", "ppo.kl_horizon": "128"},
 }
 # After the first ablation (docs/ablation.md: ptx came closest, with more degenerate answers than SFT's): more of
-# the SFT stream's pull, and ptx with the truncation penalty alone. Run with --arms.
+# the SFT stream's pull, ptx with the truncation penalty alone, and ptx with degenerate answers scored low. Run with
+# --arms.
 FOLLOW_UPS = {"ptx_1": {"ppo.ptx_coef": "1"}, "ptx_2": {"ppo.ptx_coef": "2"},
-              "ptx_truncated": {"ppo.ptx_coef": "0.5", "ppo.truncated_score": "-1"}}
+              "ptx_truncated": {"ppo.ptx_coef": "0.5", "ppo.truncated_score": "-1"},
+              "ptx_degenerate": {"ppo.ptx_coef": "0.5", "ppo.degenerate_score": "-1"}}
 FIRST = {"today": TODAY, **{name: {**TODAY, **c} for name, c in CONTROLS.items()},
          "all": {**TODAY, **{k: v for c in CONTROLS.values() for k, v in c.items()}}}
 ARMS = {**FIRST, **{name: {**TODAY, **c} for name, c in FOLLOW_UPS.items()}}

@@ -172,6 +172,22 @@ def test_the_engine_scores_continuations_of_a_cached_prompt_like_the_learner(grp
         assert np.abs(np.array(scored[i]) - learner[i][batch["response_mask"][i] > 0]).max() < 1e-3, i
 
 
+def test_a_degenerate_response_scores_ppo_degenerate_score(grpo_roles):
+    import dataclasses
+    from clinicalgpt.rlhf.step import score
+    cfg, roles, stream = grpo_roles
+    prompt = stream.take(1)[0]
+    # One phrase over and over; an answer; nothing but the end of the text.
+    replies = [roles.tokenizer.encode(r, add_special_tokens=False)
+               for r in ("小儿治疗、" * 6, "头痛三天，伴有发热，建议先查血常规。")]
+    batch = build_batch([prompt] * 3, [*replies, [roles.tokenizer.eos_token_id]], roles.pad_id)
+    cut = np.array([False, False, False])
+    plain = score(cfg, roles, batch, cut, 1.0)["scores"]
+    penalized = score(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, degenerate_score=-3.0)), roles, batch,
+                      cut, 1.0)["scores"]
+    assert penalized[0] == penalized[2] == -3.0 and penalized[1] == plain[1] and plain[0] != -3.0
+
+
 def test_ptx_adds_the_language_model_loss_of_the_sft_stream_to_each_policy_update(grpo_roles):
     from clinicalgpt import rl
     from clinicalgpt.rlhf.prompts import PtxStream

@@ -115,6 +115,17 @@ def test_a_truncated_response_scores_the_set_score():
 
 
 
+def test_a_degenerate_response_scores_the_set_score_cut_or_not():
+    scores, truncated = T([0.7, -0.2, 1.5, 0.3]), torch.tensor([False, True, True, False])
+    degenerate = torch.tensor([False, False, True, True])
+    close(rl.response_scores(scores, truncated, None, degenerate=degenerate), [0.7, -0.2, 1.5, 0.3])  # off
+    close(rl.response_scores(scores, truncated, None, degenerate=degenerate, degenerate_score=-2.0),
+          [0.7, -0.2, -2.0, -2.0])
+    # Both set: the cut response takes truncated_score, the degenerate ones (cut or not) degenerate_score.
+    close(rl.response_scores(scores, truncated, -1.0, degenerate=degenerate, degenerate_score=-2.0),
+          [0.7, -1.0, -2.0, -2.0])
+
+
 def test_the_length_penalty_takes_the_responses_share_of_the_token_limit():
     scores, truncated, lengths = T([0.7, -0.2, 1.5]), torch.tensor([False, False, True]), torch.tensor([8, 24, 48])
     # penalty 0.5, limit 48 tokens: 0.7 - 0.5 * 8/48, -0.2 - 0.5 * 24/48; the truncated one takes truncated_score.

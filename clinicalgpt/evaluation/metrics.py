@@ -229,16 +229,21 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def degenerate(answer: str) -> bool:
+    """Empty (or whitespace only), or one phrase over and over: more than DEGENERATE_REPEAT of its n-grams repeat."""
+    return not answer.strip() or repeated_share(answer) > DEGENERATE_REPEAT
+
+
 def output_health(answers: list[str], truncated: list[bool] | None = None,
                   compliant: list[bool] | None = None) -> dict[str, float]:
     """Whether a model's answers are answers at all, as shares of the answers: empty (or whitespace only),
-    truncated (cut at the token limit without an EOS, when known), degenerate (empty, or repeating more than
-    DEGENERATE_REPEAT of its n-grams); the mean repeated n-gram share; distinct-1 and -2 over all answers; and
+    truncated (cut at the token limit without an EOS, when known), degenerate (degenerate()); the mean repeated
+    n-gram share; distinct-1 and -2 over all answers; and
     compliant, the share in the format the family asks for (when given: an exam letter, a named disease)."""
     n = max(1, len(answers))
     repeats = [repeated_share(a) for a in answers]
     health = {"empty": sum(not a.strip() for a in answers) / n,
-              "degenerate": sum(not a.strip() or r > DEGENERATE_REPEAT for a, r in zip(answers, repeats)) / n,
+              "degenerate": sum(map(degenerate, answers)) / n,
               "repeated": sum(repeats) / n, "distinct1": distinct_n(answers, 1), "distinct2": distinct_n(answers, 2)}
     if truncated is not None:
         health["truncated"] = sum(truncated) / n

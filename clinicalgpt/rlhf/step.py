@@ -11,7 +11,7 @@ import torch
 
 from .. import rl
 from ..config import Config
-from ..evaluation.metrics import extract_answer, output_health
+from ..evaluation.metrics import degenerate, extract_answer, output_health
 from ..experience import build_batch, split_batch
 from .roles import Roles
 
@@ -33,18 +33,28 @@ def generate(cfg: Config, roles: Roles, prompts: list[list[int]], n: int, seed: 
     return batch, engine_logprobs, np.array([s["truncated"] for s in samples])
 
 
+def responses(roles: Roles, batch: dict) -> list[str]:
+    """The batch's responses as text."""
+    P = batch["prompt_len"]
+    return roles.tokenizer.batch_decode([ids[P:P + int(n)] for ids, n in zip(batch["input_ids"],
+                                                                             batch["response_mask"].sum(1))],
+                                        skip_special_tokens=True)
+
+
 def score(cfg: Config, roles: Roles, batch: dict, truncated: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
     """Reference log-probs, rewards, and the policy's log-probs and values, computed in parallel. The log-probs
     are taken at the temperature the tokens were sampled at (0: greedy, scored at 1); the scores pay
-    ppo.length_penalty per share of the token limit, and a response the length limit cut scores ppo.truncated_score
-    when that is set."""
+    ppo.length_penalty per share of the token limit, and a response the length limit cut scores ppo.truncated_score,
+    a degenerate one ppo.degenerate_score, when those are set."""
     ref = sharded(roles.reference, "logprobs", batch, temperature)
     rew = sharded(roles.reward, "score", batch)
     own = ray.get(sharded(roles.learners.ranks, "logprobs_and_values", batch, temperature))
     ppo = cfg.ppo
+    degenerates = (torch.tensor([degenerate(r) for r in responses(roles, batch)])
+                   if ppo.degenerate_score is not None else None)
     scores = rl.response_scores(torch.as_tensor(np.concatenate(ray.get(rew))), torch.as_tensor(truncated),
                                 ppo.truncated_score, torch.as_tensor(batch["response_mask"]).sum(1), ppo.length_penalty,
-                                ppo.max_new_tokens)
+                                ppo.max_new_tokens, degenerates, ppo.degenerate_score)
     out = {"ref_logprobs": np.concatenate(ray.get(ref)), "scores": scores.numpy(),
            "old_logprobs": np.concatenate([o["logprobs"] for o in own])}
     if "values" in own[0]:
@@ -106,10 +116,7 @@ def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]],
     answers' output health (evaluation.metrics.output_health, as eval_<name>); and to exam questions (prompt,
     options): the share answered with an option letter (eval_exam_compliant)."""
     batch, _, truncated = generate(cfg, roles, prompts, 1, cfg.ppo.seed, temperature=0.0)
-    P = batch["prompt_len"]
-    texts = roles.tokenizer.batch_decode([ids[P:P + int(n)] for ids, n in zip(batch["input_ids"], batch["response_mask"].sum(1))],
-                                         skip_special_tokens=True)
-    health = {f"eval_{k}": v for k, v in output_health(texts, truncated.tolist()).items()}
+    health = {f"eval_{k}": v for k, v in output_health(responses(roles, batch), truncated.tolist()).items()}
     if exam:
         answers = roles.rollout.generate([p for p, _ in exam], 1, cfg.ppo.max_new_tokens, 0.0, 1.0, cfg.ppo.seed)
         replies = roles.tokenizer.batch_decode([a["ids"] for a in answers], skip_special_tokens=True)
