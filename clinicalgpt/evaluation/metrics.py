@@ -238,8 +238,8 @@ def output_health(answers: list[str], truncated: list[bool] | None = None,
                   compliant: list[bool] | None = None) -> dict[str, float]:
     """Whether a model's answers are answers at all, as shares of the answers: empty (or whitespace only),
     truncated (cut at the token limit without an EOS, when known), degenerate (degenerate()); the mean repeated
-    n-gram share; distinct-1 and -2 over all answers; and
-    compliant, the share in the format the family asks for (when given: an exam letter, a named disease)."""
+    n-gram share; distinct-1 and -2 over all answers; and compliant, the share in the format the family asks for
+    (when given: an exam letter, a named disease)."""
     n = max(1, len(answers))
     repeats = [repeated_share(a) for a in answers]
     health = {"empty": sum(not a.strip() for a in answers) / n,
