@@ -21,12 +21,16 @@ STAGE_MODELS = ("pretrain", "sft", "rm", "judge", "ppo")
 
 @dataclass
 class SourceSpec:
-    """One input file: `path` under the data root, parsed by builder `kind` (see clinicalgpt/sources.py).
-    `split` forces a split; when empty the builder takes it from the record or derives it by hash."""
+    """One input file: `path` under the data root, parsed by builder `kind` (see clinicalgpt/sources.py): a
+    bundled corpus's own, or a format (chat, sharegpt, alpaca). `split` forces a split; when empty the builder
+    takes it from the record or derives it by hash. A format's records are of `task`; `fields` maps the format's
+    field names to the file's where they differ."""
 
     path: str
     kind: str
     split: str = ""
+    task: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 def _default_sources() -> list[SourceSpec]:

@@ -32,7 +32,7 @@ from .config import Config, SourceSpec
 from .jsonl import JsonLinesDatasource
 from .kg_templates import RELATION_KIND, clean_objects
 from .records import RECORD_SCHEMA, Skip, dedup_key, leak_key
-from .sources import BUILDERS, INVERSE_KINDS, kg_inverse_record, may_hold_test
+from .sources import INVERSE_KINDS, builder_for, kg_inverse_record, may_hold_test
 
 # Columns the build step adds to each record; the sink uses and drops them.
 BUILD_SCHEMA = RECORD_SCHEMA.append(pa.field("skip", pa.string())) \
@@ -54,8 +54,10 @@ def resolve_sources(cfg: Config) -> dict[str, SourceSpec]:
     """Absolute path -> spec, after checking that every file exists and can be read."""
     resolved = {}
     for spec in cfg.data.sources:
-        if spec.kind not in BUILDERS:
-            raise SourceError(f"source {spec.path}: unknown kind {spec.kind!r} (known: {', '.join(BUILDERS)})")
+        try:
+            builder_for(spec)
+        except ValueError as e:
+            raise SourceError(f"source {spec.path}: {e}") from None
         path = cfg.data_root / spec.path
         if not path.is_file():
             raise SourceError(f"source file not found: {path} (data root {cfg.data_root}; set "
@@ -73,7 +75,7 @@ def _skip_row(path: str, line: int, source: str, reason: str, raw: str) -> dict:
 
 def records_from_lines(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config, keep_test_only: bool) -> pa.Table:
     """Ray Data map: source lines -> records; every line yields records or one skip row."""
-    out = []
+    out, builders = [], {path: builder_for(spec) for path, spec in specs.items()}
     for path, line, text, ok in zip(*(batch.column(c).to_pylist() for c in ("path", "line", "text", "utf8_ok"))):
         spec = specs[path]
         source = source_name(spec)
@@ -86,7 +88,7 @@ def records_from_lines(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Confi
                 raise Skip("malformed_json") from None
             if not isinstance(obj, dict):
                 raise Skip("malformed_json")
-            records = BUILDERS[spec.kind](obj, source, spec.split, cfg.data)
+            records = builders[path](obj, source, spec.split, cfg.data)
             for rec in records:
                 chars = sum(len(m["content"]) for m in rec["messages"]) + len(rec["rejected"] or "")
                 if chars > cfg.data.max_record_chars:

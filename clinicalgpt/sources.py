@@ -7,9 +7,10 @@ config forces for the file ("" lets the builder decide).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
-from .config import DataConfig
+from .config import DataConfig, SourceSpec
 from .kg_templates import RELATION_KIND, clean_objects, render_qa
 from .records import Skip, hash_fraction, make_record, stable_id
 
@@ -149,9 +150,15 @@ def dialogue(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
     messages = dialogue_messages(obj["turns"])
     if not any(m["role"] == "assistant" for m in messages):
         raise Skip("no_doctor_reply")
-    split = _split(split, obj)
     item_id = _id(obj, source, *(m["content"] for m in messages))
     meta = {k: obj[k] for k in ("department", "sub_department") if obj.get(k)}
+    return dialogue_records(messages, item_id, source, _split(split, obj), cfg, meta)
+
+
+def dialogue_records(messages: list[dict], item_id: str, source: str, split: str, cfg: DataConfig,
+                     meta: dict) -> list[dict]:
+    """A dialogue's records: whole for training; cut at a seeded doctor turn for evaluation (test) and, for a
+    share of the valid ones, as PPO prompts (rl)."""
     if split == "test":
         cut = cut_at_doctor_turn(messages, cfg.seed, item_id)
         meta["cut_turn"] = len(cut) - 1
@@ -257,6 +264,82 @@ def _preference(weak: bool) -> Callable:
     return build
 
 
+# --- the ecosystem's formats: a user's own chats ----------------------------------------------------
+
+FORMAT_TASKS = ("dialogue", "community_qa")  # what a format's records train (train, valid) or evaluate (test)
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _turns(obj: dict, fields: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    """A list of turns -> chat messages: roles mapped, texts stripped, empty turns dropped, consecutive turns of
+    one role merged; a system message only first."""
+    key, role_key, text_key = (fields.get(k, k) for k in (key, role_key, text_key))
+    if not isinstance(obj.get(key), list):
+        raise Skip(f"missing_field:{key}")
+    messages: list[dict] = []
+    for turn in obj[key]:
+        if not isinstance(turn, dict) or turn.get(role_key) not in roles:
+            raise Skip("bad_turn")
+        if not isinstance(turn.get(text_key), str):
+            raise Skip(f"bad_type:{text_key}")
+        role, text = roles[turn[role_key]], turn[text_key].strip()
+        if not text:
+            continue
+        if role == "system" and messages:
+            raise Skip("bad_turn")
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def _format_records(messages: list[dict], obj: dict, source: str, split: str, cfg: DataConfig,
+                    task: str) -> list[dict]:
+    """A user's chat as records of `task`: trailing turns after the last assistant reply dropped (nothing to learn
+    from them). The split: the spec's, the record's own, or a seeded data.holdout_fraction held out as test."""
+    while messages and messages[-1]["role"] != "assistant":
+        messages = messages[:-1]
+    if not any(m["role"] == "user" for m in messages):
+        raise Skip("no_assistant_reply" if not messages else "no_user_turn")
+    item_id = _id(obj, source, *(m["content"] for m in messages))
+    if split or obj.get("split"):
+        split = _split(split, obj)
+    else:
+        split = "test" if hash_fraction("holdout", str(cfg.seed), source, item_id) < cfg.holdout_fraction else "train"
+    if task == "dialogue":
+        return dialogue_records(messages, item_id, source, split, cfg, {})
+    return [make_record(item_id, task, source, split, messages)]
+
+
+def chat(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
+    """OpenAI chat: `messages`, each {`role`: system|user|assistant, `content`}; trains on every assistant turn."""
+    messages = _turns(obj, fields, "messages", "role", "content", CHAT_ROLES)
+    return _format_records(messages, obj, source, split, cfg, task)
+
+
+def sharegpt(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
+    """ShareGPT: `conversations`, each {`from`: system|human|gpt, `value`}."""
+    messages = _turns(obj, fields, "conversations", "from", "value", SHAREGPT_ROLES)
+    return _format_records(messages, obj, source, split, cfg, task)
+
+
+def alpaca(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
+    """Alpaca: `instruction`, optional `input` (appended to it on a new line), `output`."""
+    name = {k: fields.get(k, k) for k in ("instruction", "input", "output")}
+    instruction, output = _text(obj, name["instruction"]), _text(obj, name["output"])
+    extra = obj.get(name["input"]) or ""
+    if not isinstance(extra, str):
+        raise Skip(f"bad_type:{name['input']}")
+    user = instruction + ("\n" + extra.strip() if extra.strip() else "")
+    return _format_records([{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+                           obj, source, split, cfg, task)
+
+
+FORMATS: dict[str, Callable] = {"chat": chat, "sharegpt": sharegpt, "alpaca": alpaca}
+
+
 BUILDERS: dict[str, Callable] = {
     "kg_xywy": _kg("xywy"),
     "kg_health39": _kg("health39"),
@@ -270,6 +353,18 @@ BUILDERS: dict[str, Callable] = {
     "preference": _preference(weak=False),
     "preference_weak": _preference(weak=True),
 }
+
+def builder_for(spec: SourceSpec) -> Callable:
+    """The builder of a source, (obj, source, split, cfg) -> records: its bundled corpus's, or its format's for
+    the spec's task and field names. A ValueError says what is wrong with the spec."""
+    if spec.kind in BUILDERS:
+        return BUILDERS[spec.kind]
+    if spec.kind not in FORMATS:
+        raise ValueError(f"unknown kind {spec.kind!r} (corpora: {', '.join(BUILDERS)}; formats: {', '.join(FORMATS)})")
+    if spec.task not in FORMAT_TASKS:
+        raise ValueError(f"kind {spec.kind} needs a task, one of {', '.join(FORMAT_TASKS)} (got {spec.task!r})")
+    return partial(FORMATS[spec.kind], task=spec.task, fields=spec.fields)
+
 
 def may_hold_test(kind: str, split: str) -> bool:
     """Whether a source's records may land in the test split (their keys are collected before any

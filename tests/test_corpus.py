@@ -70,3 +70,40 @@ def test_unreadable_source_file_is_a_clear_error(ray_session, crafted, monkeypat
     monkeypatch.setattr(os, "access", lambda p, m: False if str(p).endswith("test.jsonl") else real_access(p, m))
     with pytest.raises(SourceError, match="not readable: .*test.jsonl"):
         build_records(crafted)
+
+
+def test_a_users_chats_in_each_format_become_records_and_what_does_not_fit_is_counted(ray_session, tmp_path):
+    """A user's own data, declared in a config file: OpenAI chats, ShareGPT conversations and Alpaca records with
+    its own field names, next to each other; each record that does not fit its format is skipped by reason."""
+    root = tmp_path / "corpora"
+    (root / "mine").mkdir(parents=True)
+
+    def chat(i, split):
+        return {"messages": [{"role": "user", "content": f"第{i}位患者：咳嗽{i}天，怎么办？"},
+                             {"role": "assistant", "content": f"咳嗽{i}天，建议先做胸片。"}], "split": split}
+    (root / "mine" / "chats.jsonl").write_bytes(b"\n".join(
+        [line(chat(i, "train")) for i in range(3)] + [line(chat(9, "test")),
+                                                      line({"messages": [{"role": "nurse", "content": "x"}]})]) + b"\n")
+    (root / "mine" / "sharegpt.jsonl").write_bytes(b"\n".join(
+        line({"conversations": [{"from": "human", "value": f"腹痛{i}小时"},
+                                {"from": "gpt", "value": f"腹痛{i}小时，需查血常规。"}]}) for i in range(2)) + b"\n")
+    (root / "mine" / "alpaca.jsonl").write_bytes(b"\n".join(
+        [line({"问题": f"血压{140 + i}/90 是否偏高？", "回答": "偏高，属于1级高血压。"}) for i in range(2)]
+        + [line({"问题": "只有问题"})]) + b"\n")
+    config = tmp_path / "mine.yaml"
+    config.write_text("""data:
+  sources:
+    - {path: mine/chats.jsonl, kind: chat, task: dialogue}
+    - {path: mine/sharegpt.jsonl, kind: sharegpt, task: dialogue, split: valid}
+    - {path: mine/alpaca.jsonl, kind: alpaca, task: community_qa, split: train,
+       fields: {instruction: 问题, output: 回答}}
+""")
+    cfg = load_config([f"config={config}", f"data.root={root}", f"run_root={tmp_path / 'runs'}"])
+    manifest = build_records(cfg)
+    # Valid dialogues are PPO prompts too, cut at a doctor turn (a seeded data.rl_dialogue_fraction: here both).
+    assert manifest["records"] == {"train": {"dialogue": {"mine/chats": 3}, "community_qa": {"mine/alpaca": 2}},
+                                   "valid": {"dialogue": {"mine/sharegpt": 2}},
+                                   "rl": {"dialogue": {"mine/sharegpt": 2}}, "test": {"dialogue": {"mine/chats": 1}}}
+    assert manifest["skipped"] == {"mine/chats": {"bad_turn": 1}, "mine/alpaca": {"missing_field:回答": 1}}
+    qa = pq.read_table(cfg.data_dir / "records" / "train" / "community_qa").to_pylist()
+    assert sorted(r["messages"][0]["content"] for r in qa) == ["血压140/90 是否偏高？", "血压141/90 是否偏高？"]

@@ -210,3 +210,83 @@ def test_each_presets_lora_targets_exist_in_its_architecture(preset, arch):
                                                    intermediate_size=128), tok), lora)
         adapted = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
         assert adapted == set(lora.targets), adapted
+
+
+# --- the ecosystem's formats (a user's own chats) ----------------------------------------------------
+
+def build_format(kind, obj, task="dialogue", split="train", fields=None):
+    from clinicalgpt.config import SourceSpec
+    from clinicalgpt.sources import builder_for
+    build = builder_for(SourceSpec(f"mine/{kind}.jsonl", kind, split, task, fields or {}))
+    return build(obj, f"mine/{kind}", split, CFG)
+
+
+CHAT = [{"role": "system", "content": "你是一名全科医生。"}, {"role": "user", "content": "头痛三天，伴有发热。"},
+        {"role": "assistant", "content": "有没有咳嗽？"}, {"role": "user", "content": "有一点。"},
+        {"role": "assistant", "content": "可能是上呼吸道感染，建议查血常规。"}, {"role": "user", "content": "谢谢"}]
+
+
+def test_openai_chats_and_sharegpt_conversations_become_the_same_dialogue():
+    (rec,) = build_format("chat", {"messages": CHAT})
+    # Every turn kept (the trailing user turn has no reply to learn from); SFT trains on every assistant turn.
+    assert rec["task"] == "dialogue" and rec["split"] == "train" and rec["messages"] == CHAT[:5]
+    roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in CHAT]}
+    (same,) = build_format("sharegpt", sharegpt)
+    assert {k: v for k, v in same.items() if k not in ("id", "source")} == {
+        k: v for k, v in rec.items() if k not in ("id", "source")}
+    # Consecutive turns of one speaker merged, empty ones dropped, text stripped.
+    split_turns = [CHAT[1], {"role": "user", "content": " 体温38度 "}, {"role": "assistant", "content": ""}, CHAT[2]]
+    (merged,) = build_format("chat", {"messages": split_turns}, task="community_qa")
+    assert merged["task"] == "community_qa"
+    assert merged["messages"] == [{"role": "user", "content": "头痛三天，伴有发热。\n体温38度"}, CHAT[2]]
+
+
+def test_a_test_split_dialogue_is_cut_at_a_doctor_turn_for_the_evaluation():
+    (rec,) = build_format("chat", {"messages": CHAT, "id": "d1"}, split="test")
+    assert rec["split"] == "test" and rec["messages"][-1]["role"] == "assistant"
+    assert rec["messages"] == CHAT[:json.loads(rec["meta"])["cut_turn"] + 1]
+
+
+def test_alpaca_records_and_field_names_mapped_to_the_files():
+    (rec,) = build_format("alpaca", {"instruction": "解释下列检查结果", "input": "白细胞 12.5", "output": "提示感染。"},
+                          task="community_qa")
+    assert rec["messages"] == [{"role": "user", "content": "解释下列检查结果\n白细胞 12.5"},
+                               {"role": "assistant", "content": "提示感染。"}]
+    renamed = {"问题": "解释下列检查结果", "补充": "白细胞 12.5", "回答": "提示感染。"}
+    fields = {"instruction": "问题", "input": "补充", "output": "回答"}
+    assert build_format("alpaca", renamed, task="community_qa", fields=fields)[0]["messages"] == rec["messages"]
+    assert build_format("chat", {"对话": CHAT[1:3]}, fields={"messages": "对话"})[0]["messages"] == CHAT[1:3]
+
+
+def test_a_format_record_that_does_not_fit_is_a_counted_skip():
+    def reason(kind, obj, **kw):
+        with pytest.raises(Skip) as e:
+            build_format(kind, obj, **kw)
+        return str(e.value)
+    assert reason("chat", {"text": "hi"}) == "missing_field:messages"
+    assert reason("chat", {"messages": [{"role": "doctor", "content": "x"}]}) == "bad_turn"
+    assert reason("chat", {"messages": [CHAT[1], {"role": "assistant", "content": 3}]}) == "bad_type:content"
+    assert reason("chat", {"messages": [CHAT[1]]}) == "no_assistant_reply"
+    assert reason("chat", {"messages": [CHAT[0], CHAT[2]]}) == "no_user_turn"
+    assert reason("chat", {"messages": [CHAT[1], CHAT[0], CHAT[2]]}) == "bad_turn"  # a system turn only first
+    assert reason("alpaca", {"instruction": "x"}, task="community_qa") == "missing_field:output"
+    assert reason("chat", {"messages": CHAT, "split": "holdout"}, split="") == "unknown_split"
+
+
+def test_without_a_split_a_seeded_share_is_held_out_for_evaluation():
+    def splits():
+        return [build_format("alpaca", {"instruction": f"问题{i}", "output": "回答"}, task="community_qa",
+                             split="")[0]["split"] for i in range(400)]
+    first = splits()
+    assert set(first) == {"train", "test"} and 0.15 < first.count("test") / 400 < 0.25  # data.holdout_fraction 0.2
+    assert splits() == first  # seeded: the same records, the same split
+
+
+def test_a_format_without_a_task_or_an_unknown_kind_is_refused():
+    from clinicalgpt.config import SourceSpec
+    from clinicalgpt.sources import builder_for
+    with pytest.raises(ValueError, match="kind chat needs a task, one of dialogue, community_qa"):
+        builder_for(SourceSpec("mine/chats.jsonl", "chat"))
+    with pytest.raises(ValueError, match="unknown kind 'csv'.*formats: chat, sharegpt, alpaca"):
+        builder_for(SourceSpec("mine/chats.jsonl", "csv"))
