@@ -10,8 +10,8 @@ The arms by default: today's PPO, each control, all of them; the follow-ups (FOL
 Each arm x seed runs jobs/ppo.py (a driver of its own on one Ray cluster the script starts, as the recipe does)
 in its own run folder, <run-dir>/ablation/<arm>-s<seed>, which links the run's data, base, sft and rm; a run
 whose summary.json exists is kept, so a rerun goes on where one stopped. Then one evaluation (jobs/eval.py's)
-of every policy with the SFT model last: the judged families compare SFT with each. Writes ablation.json, .md
-and .png under <run-dir>/ablation and the page at --out, with the chart beside it.
+of every policy with the SFT model last: the judged families compare SFT with each. Writes the page at --out
+(docs/ablation.md: .json, .md and .png of that name under <run-dir>/ablation), with its chart beside it.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def markdown(table: dict, sft: dict, meta: dict) -> str:
         lines.append(f"| {target} | " + " | ".join(
             ("yes" if table[a]["targets"][target] else "**no**") if target in table[a]["targets"] else "-"
             for a in arms) + " |")
-    lines += ["", "![The ablation's figures, mean and standard deviation over the seeds](ablation.png)", ""]
+    lines += ["", f"![The ablation's figures, mean and standard deviation over the seeds]({meta['chart']})", ""]
     return "\n".join(lines)
 
 
@@ -235,16 +235,17 @@ def main(argv: list[str]) -> dict:
     table = summarize(figures, args.arms, args.seeds)
 
     finished = time.time()
+    out = args.out.expanduser().resolve()  # its name names the files: a follow-up's page keeps the first one's
     meta = {"command": shlex.join(["python", "scripts/ppo_ablation.py", *argv]), "commit": git_commit(),
             "started": iso(started), "finished": iso(finished), "seconds": round(finished - started, 1),
-            "machine": f"{machine()['cpu']} ({machine()['logical_cores']} cores)", "run_dir": str(run_dir), "seeds": args.seeds, "arms": ARMS}
-    (root / "ablation.json").write_text(json.dumps({**meta, "figures": figures, "table": table}, indent=2))
+            "machine": f"{machine()['cpu']} ({machine()['logical_cores']} cores)", "run_dir": str(run_dir),
+            "seeds": args.seeds, "arms": ARMS, "chart": f"{out.stem}.png"}
+    (root / f"{out.stem}.json").write_text(json.dumps({**meta, "figures": figures, "table": table}, indent=2))
     page = markdown(table, figures["sft"], meta)
-    out = args.out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     for folder in (root, out.parent):
-        chart(table, figures["sft"], folder / "ablation.png")
-    (root / "ablation.md").write_text(page)
+        chart(table, figures["sft"], folder / meta["chart"])
+    (root / out.name).write_text(page)
     out.write_text(page)
     print(page)
     return table

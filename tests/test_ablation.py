@@ -36,9 +36,10 @@ def test_the_summary_gives_mean_and_spread_over_seeds_and_each_arms_verdict():
     assert all(table["all"]["targets"].values()), table["all"]["targets"]
     page = ablation.markdown(table, sft, {"finished": "2026-12-04T18:00:00+00:00", "commit": "abc", "seconds": 600,
                                           "machine": "cpu", "command": "python scripts/ppo_ablation.py",
-                                          "run_dir": "runs/tiny", "seeds": [0, 1]})
+                                          "run_dir": "runs/tiny", "seeds": [0, 1], "chart": "ablation.png"})
     assert "| exam accuracy | 0.170 | 0.040 ± 0.014 | 0.175 ± 0.021 |" in page
     assert "| QA: win >= lose vs SFT | **no** | yes |" in page
+    assert "](ablation.png)" in page
 
 
 def test_every_arm_states_every_control():
