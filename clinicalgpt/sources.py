@@ -119,21 +119,34 @@ def exam(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
 
 # --- dialogue -----------------------------------------------------------------------------------
 
-def dialogue_messages(turns: list) -> list[dict]:
-    """Turns -> chat messages: patient=user, doctor=assistant, consecutive same-speaker turns merged,
-    empty turns dropped, and leading doctor greetings (no patient context yet) removed."""
+def turn_messages(turns: list, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    """Turns -> chat messages: each turn's role mapped by `roles`, texts stripped, empty turns dropped,
+    consecutive turns of one role merged; a system message only first."""
     messages: list[dict] = []
     for turn in turns:
-        if not isinstance(turn, dict) or turn.get("role") not in ("patient", "doctor"):
+        if not isinstance(turn, dict) or turn.get(role_key) not in roles:
             raise Skip("bad_turn")
-        text = (turn.get("text") or "").strip()
+        text = turn.get(text_key) or ""
+        if not isinstance(text, str):
+            raise Skip(f"bad_type:{text_key}")
+        role, text = roles[turn[role_key]], text.strip()
         if not text:
             continue
-        role = "user" if turn["role"] == "patient" else "assistant"
+        if role == "system" and messages:
+            raise Skip("bad_turn")
         if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += "\n" + text
-        elif messages or role == "user":
+        else:
             messages.append({"role": role, "content": text})
+    return messages
+
+
+def dialogue_messages(turns: list) -> list[dict]:
+    """A bundled dialogue's turns -> chat messages (turn_messages: patient=user, doctor=assistant), leading doctor
+    greetings (no patient context yet) removed."""
+    messages = turn_messages(turns, "role", "text", {"patient": "user", "doctor": "assistant"})
+    while messages and messages[0]["role"] == "assistant":
+        messages = messages[1:]
     return messages
 
 
@@ -272,27 +285,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def _turns(obj: dict, fields: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
-    """A list of turns -> chat messages: roles mapped, texts stripped, empty turns dropped, consecutive turns of
-    one role merged; a system message only first."""
+    """The record's list of turns (under its mapped field names) as chat messages (turn_messages)."""
     key, role_key, text_key = (fields.get(k, k) for k in (key, role_key, text_key))
     if not isinstance(obj.get(key), list):
         raise Skip(f"missing_field:{key}")
-    messages: list[dict] = []
-    for turn in obj[key]:
-        if not isinstance(turn, dict) or turn.get(role_key) not in roles:
-            raise Skip("bad_turn")
-        if not isinstance(turn.get(text_key), str):
-            raise Skip(f"bad_type:{text_key}")
-        role, text = roles[turn[role_key]], turn[text_key].strip()
-        if not text:
-            continue
-        if role == "system" and messages:
-            raise Skip("bad_turn")
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n" + text
-        else:
-            messages.append({"role": role, "content": text})
-    return messages
+    return turn_messages(obj[key], role_key, text_key, roles)
 
 
 def _format_records(messages: list[dict], obj: dict, source: str, split: str, cfg: DataConfig,
