@@ -1,10 +1,10 @@
 """Build the training and evaluation records from the corpora with Ray Data.
 
-    source files --JsonLinesDatasource--> map_batches(records_from_lines) --> records (+ skips with reasons)
+    source files --SourceRowsDatasource--> map_batches(records_from_rows) --> records (+ skips with reasons)
     KG files --flat_map(inverse triples)--> groupby(object) --> inverse KG QA records
                                                     |
     driver sink: drop duplicates and test overlaps, write Parquet shards records/<split>/<task>/ and
-    the skipped lines (skipped.jsonl, nothing is lost); count records, skips and drops for the manifest.
+    the skipped rows (skipped.jsonl, nothing is lost); count records, skips and drops for the manifest.
 
 Two passes keep test items out of training: pass 1 builds only the sources that can hold test
 records and collects their question keys; pass 2 builds everything else and drops any non-test
@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,9 @@ import ray
 from tqdm import tqdm
 
 from .config import Config, SourceSpec
-from .jsonl import JsonLinesDatasource
 from .kg_templates import RELATION_KIND, clean_objects
 from .records import RECORD_SCHEMA, Skip, dedup_key, leak_key
+from .source_files import SUFFIXES, SourceRowsDatasource, row_count, source_files
 from .sources import INVERSE_KINDS, builder_for, kg_inverse_record, may_hold_test
 
 # Columns the build step adds to each record; the sink uses and drops them.
@@ -43,15 +44,19 @@ BUILD_SCHEMA = RECORD_SCHEMA.append(pa.field("skip", pa.string())) \
 
 
 class SourceError(RuntimeError):
-    """A configured source file is missing or unreadable."""
+    """A configured source is missing or unreadable, or none of its rows fits its format."""
 
 
 def source_name(spec: SourceSpec) -> str:
-    return spec.path.removesuffix(".jsonl")
+    """What records, counts and skips call a source: its path under the data root, less the file type."""
+    path = spec.path.rstrip("/")
+    suffix = Path(path).suffix
+    return path.removesuffix(suffix) if suffix in SUFFIXES else path
 
 
 def resolve_sources(cfg: Config) -> dict[str, SourceSpec]:
-    """Absolute path -> spec, after checking that every file exists and can be read."""
+    """Absolute file path -> spec, after checking that every source exists and can be read. A folder source gives
+    each of its files, with the split its name gives where the spec sets none."""
     resolved = {}
     for spec in cfg.data.sources:
         try:
@@ -59,29 +64,35 @@ def resolve_sources(cfg: Config) -> dict[str, SourceSpec]:
         except ValueError as e:
             raise SourceError(f"source {spec.path}: {e}") from None
         path = cfg.data_root / spec.path
-        if not path.is_file():
-            raise SourceError(f"source file not found: {path} (data root {cfg.data_root}; set "
+        if not path.exists():
+            raise SourceError(f"source not found: {path} (data root {cfg.data_root}; set "
                               f"CLINICALGPT_DATA_ROOT or data.root)")
-        if not os.access(path, os.R_OK):
-            raise SourceError(f"source file not readable: {path}")
-        resolved[str(path)] = spec
+        files = source_files(path)
+        if not files:
+            raise SourceError(f"source {path}: no {', '.join(SUFFIXES)} file"
+                              + (" (a folder: a datasets save_to_disk folder or a folder of such files)"
+                                 if path.is_dir() else ""))
+        for file, split in files:
+            if not os.access(file, os.R_OK):
+                raise SourceError(f"source file not readable: {file}")
+            resolved[str(file)] = replace(spec, split=spec.split or split)
     return resolved
 
 
 def _skip_row(path: str, line: int, source: str, reason: str, raw: str) -> dict:
-    return {"id": f"{source}:{line}", "task": "", "source": source, "split": "", "messages": [], "rejected": None,
+    return {"id": f"{path}:{line}", "task": "", "source": source, "split": "", "messages": [], "rejected": None,
             "meta": "{}", "skip": reason, "raw": raw, "n_inputs": 1, "dedup_key": 0, "leak_key": 0}
 
 
-def records_from_lines(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config, keep_test_only: bool) -> pa.Table:
-    """Ray Data map: source lines -> records; every line yields records or one skip row."""
+def records_from_rows(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config, keep_test_only: bool) -> pa.Table:
+    """Ray Data map: source rows -> records; every row yields records or one skip row."""
     out, builders = [], {path: builder_for(spec) for path, spec in specs.items()}
-    for path, line, text, ok in zip(*(batch.column(c).to_pylist() for c in ("path", "line", "text", "utf8_ok"))):
+    for path, line, text, problem in zip(*(batch.column(c).to_pylist() for c in ("path", "line", "text", "problem"))):
         spec = specs[path]
         source = source_name(spec)
         try:
-            if not ok:
-                raise Skip("bad_encoding")
+            if problem:
+                raise Skip(problem)
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError:
@@ -101,7 +112,7 @@ def records_from_lines(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Confi
         for i, rec in enumerate(records):
             out.append({**rec, "skip": "", "raw": None, "n_inputs": int(i == 0),
                         "dedup_key": dedup_key(rec), "leak_key": leak_key(rec)})
-        if not records:  # a line whose records all belong to the other pass still counts as read
+        if not records:  # a row whose records all belong to the other pass still counts as read
             out.append({**_skip_row(path, line, source, "", None), "skip": "other_pass"})
     return pa.Table.from_pylist(out, schema=BUILD_SCHEMA)
 
@@ -109,9 +120,9 @@ def records_from_lines(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Confi
 def inverse_triples(batch: pa.Table, specs: dict[str, SourceSpec]) -> pa.Table:
     """(graph, kind, object, subject) rows for the relations asked in reverse."""
     rows = defaultdict(list)
-    for path, text, ok in zip(*(batch.column(c).to_pylist() for c in ("path", "text", "utf8_ok"))):
+    for path, text, problem in zip(*(batch.column(c).to_pylist() for c in ("path", "text", "problem"))):
         try:
-            obj = json.loads(text) if ok else None
+            obj = None if problem else json.loads(text)
         except json.JSONDecodeError:
             obj = None  # counted as malformed by the forward pass
         if not isinstance(obj, dict) or not isinstance(obj.get("o"), list) or not isinstance(obj.get("s"), str):
@@ -184,14 +195,6 @@ def _sorted_by_id(ds: ray.data.Dataset):
         yield pa.concat_tables(tables).sort_by("id")
 
 
-def count_lines(paths: list[str]) -> int:
-    total = 0
-    for p in paths:
-        with open(p, "rb") as f:
-            total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    return total
-
-
 def build_records(cfg: Config) -> dict:
     """Build all records under cfg.data_dir/records; return the manifest (counts, skips, drops)."""
     started = time.time()
@@ -213,11 +216,12 @@ def build_records(cfg: Config) -> dict:
 
     def read(paths):  # datasets derived from this one keep its context
         with ray.data.DataContext.current(ctx):
-            return ray.data.read_datasource(JsonLinesDatasource(paths))
+            return ray.data.read_datasource(SourceRowsDatasource(paths))
 
     writer = ShardWriter(records_dir, cfg.data.shard_rows)
     counts: Counter = Counter()  # (split, task, source) -> records
-    skips: Counter = Counter()  # (source, reason) -> lines
+    skips: Counter = Counter()  # (source, reason) -> rows
+    first_skip: dict[str, tuple[str, int, str]] = {}  # source -> (file, line, reason) of its first skipped row
     dropped: Counter = Counter()  # (source, reason) -> records dropped as duplicate / test overlap
     skipped_file = open(out / "skipped.jsonl", "w", encoding="utf-8")
 
@@ -226,7 +230,7 @@ def build_records(cfg: Config) -> dict:
     test_keys: set[int] = set()
     seen: set[tuple[str, int]] = set()  # (split, dedup key): duplicates are dropped within a split
     if test_paths:
-        ds = read(test_paths).map_batches(records_from_lines, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+        ds = read(test_paths).map_batches(records_from_rows, batch_format="pyarrow", batch_size=cfg.data.batch_size,
                                           fn_kwargs={"specs": specs, "cfg": cfg, "keep_test_only": True})
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             rows = block.filter(pc.equal(block.column("skip"), ""))
@@ -246,7 +250,7 @@ def build_records(cfg: Config) -> dict:
 
     # Pass 2: everything that is not test, plus the KG inverse questions.
     paths = list(specs)
-    ds = read(paths).map_batches(records_from_lines, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+    ds = read(paths).map_batches(records_from_rows, batch_format="pyarrow", batch_size=cfg.data.batch_size,
                                  fn_kwargs={"specs": specs, "cfg": cfg, "keep_test_only": False})
     blocks = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     kg_paths = [p for p, s in specs.items() if s.kind.startswith("kg_")]
@@ -257,7 +261,8 @@ def build_records(cfg: Config) -> dict:
                    .map_groups(inverse_records, batch_format="pyarrow", fn_kwargs={"cfg": cfg}))
         blocks = itertools.chain(blocks, _sorted_by_id(inverse))
 
-    bar = tqdm(total=count_lines(paths), desc="building records", unit=" lines", mininterval=5)
+    totals = [row_count(p) for p in paths]
+    bar = tqdm(total=None if None in totals else sum(totals), desc="building records", unit=" rows", mininterval=5)
     for block in blocks:
         bar.update(int(np.sum(block.column("n_inputs").to_numpy())))
         keep = []
@@ -266,9 +271,11 @@ def build_records(cfg: Config) -> dict:
             if skip:
                 if skip != "other_pass":
                     skips[(src, skip)] += 1
-                    line = int(line_id.rsplit(":", 1)[1])
-                    skipped_file.write(json.dumps({"source": src, "line": line, "reason": skip, "raw": raw},
-                                                  ensure_ascii=False) + "\n")
+                    file, line = line_id.rsplit(":", 1)
+                    file = os.path.relpath(file, cfg.data_root)
+                    first_skip.setdefault(src, (file, int(line), skip))
+                    skipped_file.write(json.dumps({"source": src, "file": file, "line": int(line), "reason": skip,
+                                                   "raw": raw}, ensure_ascii=False) + "\n")
                 continue
             if split == "test":
                 continue  # written in pass 1
@@ -287,6 +294,7 @@ def build_records(cfg: Config) -> dict:
     bar.close()
     writer.close()
     skipped_file.close()
+    _fail_on_sources_that_fit_nothing(specs, counts, dropped, first_skip)
 
     manifest = {
         "data_root": str(cfg.data_root),
@@ -307,6 +315,18 @@ def build_records(cfg: Config) -> dict:
     return manifest
 
 
+def _fail_on_sources_that_fit_nothing(specs: dict[str, SourceSpec], counts: Counter, dropped: Counter,
+                                      first_skip: dict[str, tuple[str, int, str]]) -> None:
+    """A source none of whose rows became a record is misdeclared (its format, fields or file): say where."""
+    kept = {src for (_, _, src) in counts} | {src for (src, _) in dropped}
+    for spec in {source_name(s): s for s in specs.values()}.values():
+        src = source_name(spec)
+        if src not in kept and src in first_skip:
+            file, line, reason = first_skip[src]
+            raise SourceError(f"source {src} (kind {spec.kind}): none of its rows fits; the first, {file} line {line}, "
+                              f"is skipped as {reason} (see skipped.jsonl; fields maps a format's names to the file's)")
+
+
 def _nested(counter: Counter) -> dict:
     tree: dict = {}
     for key, n in sorted(counter.items()):
@@ -324,11 +344,17 @@ def _sum_by(counter: Counter, pos: int) -> dict:
     return dict(sorted(out.items()))
 
 
+def record_files(cfg: Config, splits: list[str], tasks: list[str] | None = None) -> list[str]:
+    """The built record shards of the given splits (and tasks); none where the data file has no such sources."""
+    root = cfg.data_dir / "records"
+    return sorted(str(p) for split in splits for p in (root / split).glob("*/*.parquet")
+                  if tasks is None or p.parent.name in tasks)
+
+
 def read_records(cfg: Config, splits: list[str], tasks: list[str] | None = None) -> ray.data.Dataset:
     """Stream the built records of the given splits (and tasks) as a Ray Dataset, one block per shard."""
-    root = cfg.data_dir / "records"
-    files = sorted(str(p) for split in splits for p in (root / split).glob("*/*.parquet")
-                   if tasks is None or p.parent.name in tasks)
+    files = record_files(cfg, splits, tasks)
     if not files:
-        raise FileNotFoundError(f"no records for splits={splits} tasks={tasks} under {root}: run jobs/data.py first")
+        raise FileNotFoundError(f"no records for splits={splits} tasks={tasks} under {cfg.data_dir / 'records'}: "
+                                f"run jobs/data.py with sources of these (data.sources)")
     return ray.data.read_parquet(files, schema=RECORD_SCHEMA, override_num_blocks=len(files))

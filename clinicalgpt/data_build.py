@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from .config import Config
-from .corpus import build_records, read_records
+from .corpus import build_records, read_records, record_files
 from .packing import IGNORE, packed_stream, stream_summary, tokenize_chats
 from .records import SPLITS
 from .reward_model import pair_table
@@ -30,9 +30,14 @@ def build_data(cfg: Config) -> dict:
     manifest = build_records(cfg)
     ensure_tokenizer(cfg)
     manifest["tokens"] = token_counts(cfg)
-    manifest["streams"] = {name: stream_summary(packed_stream(cfg, name, spec))
-                           for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
-    manifest["pairs"] = stream_summary(pair_table(cfg))
+    # What the data file has sources for: a file of evaluation sources alone packs no training streams.
+    streams = {name: spec for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
+    manifest["streams"] = {name: stream_summary(packed_stream(cfg, name, spec)) for name, spec in streams.items()
+                           if record_files(cfg, spec["splits"], spec["tasks"])}
+    has_pairs = record_files(cfg, ["train", "test"], ["preference"]) or record_files(cfg, ["train"], ["kg_qa", "exam"])
+    manifest["pairs"] = stream_summary(pair_table(cfg)) if has_pairs else None
+    for name in [*(n for n in streams if n not in manifest["streams"]), *([] if has_pairs else ["pairs"])]:
+        print(f"[data] {name}: no records for it in data.sources, not built")
     manifest.update(splits=list(SPLITS), max_len=cfg.seq.max_len)
     return manifest
 
@@ -68,6 +73,9 @@ def _train_tokenizer(cfg: Config) -> int:
 def ensure_tokenizer(cfg: Config) -> str:
     """Train and save the preset's tokenizer if it trains its own; return where it lives."""
     if cfg.model.train_tokenizer:
+        if not record_files(cfg, ["train"]):
+            raise SystemExit("[data] the preset trains its tokenizer on the training records, and data.sources has "
+                             "none: set model.path to a model with its tokenizer and model.train_tokenizer=false")
         started = time.time()
         size = ray.get(_train_tokenizer.remote(cfg))
         print(f"[data] trained tokenizer: {size} tokens in {time.time() - started:.1f}s -> {cfg.model_path}")
@@ -134,11 +142,12 @@ def write_manifest(manifest: dict, out: Path) -> None:
               "| stream | samples | rows | filled | samples over max_len | seconds |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {s['samples']:,} | {s['rows']:,} | {s['packing_efficiency']:.1%} | "
               f"{s['skipped_over_length']:,} | {s['seconds']} |" for name, s in manifest["streams"].items()]
-    pairs = manifest["pairs"]["pairs"]
-    lines += ["", f"## Reward-model pairs (pairs/; built in {manifest['pairs']['seconds']} s)", "",
-              "| source | train | test |", "|---|---|---|"]
-    lines += [f"| {s} | {pairs['train'].get(s, 0):,} | {pairs['test'].get(s, 0):,} |"
-              for s in sorted({*pairs["train"], *pairs["test"]})]
+    if manifest["pairs"]:
+        pairs = manifest["pairs"]["pairs"]
+        lines += ["", f"## Reward-model pairs (pairs/; built in {manifest['pairs']['seconds']} s)", "",
+                  "| source | train | test |", "|---|---|---|"]
+        lines += [f"| {s} | {pairs['train'].get(s, 0):,} | {pairs['test'].get(s, 0):,} |"
+                  for s in sorted({*pairs["train"], *pairs["test"]})]
     lines += ["", "## Skipped input lines (see skipped.jsonl)", "", "| source | reason | lines |", "|---|---|---|"]
     lines += _reason_rows(manifest["skipped"])
     lines += ["", "## Dropped records", "", "| source | reason | records |", "|---|---|---|"]
@@ -160,7 +169,7 @@ def print_summary(manifest: dict) -> None:
         print(f"    {s:55s} {n:>9,}")
     train = manifest["tokens"].get("train", {})
     print("[data] train tokens:", ", ".join(f"{t} {c['tokens']:,}" for t, c in train.items()))
-    print(f"[data] skipped {manifest['skipped_total']:,} lines:",
+    print(f"[data] skipped {manifest['skipped_total']:,} rows:",
           ", ".join(f"{s}/{r} {n}" for s, rs in manifest["skipped"].items() for r, n in rs.items()) or "none")
     dropped = Counter()
     for reasons in manifest["dropped"].values():

@@ -14,7 +14,7 @@ import unicodedata
 
 import pyarrow as pa
 
-TASKS = ("kg_qa", "community_qa", "exam", "dialogue", "diagnosis", "safety", "preference")
+TASKS = ("kg_qa", "community_qa", "exam", "dialogue", "diagnosis", "safety", "preference", "text")
 SPLITS = ("train", "valid", "rl", "test")  # rl: prompts for PPO; test: evaluation only
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])

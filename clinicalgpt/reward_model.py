@@ -157,20 +157,28 @@ def trains_judge(cfg: Config) -> bool:
 
 
 def pair_dataset(cfg: Config) -> ray.data.Dataset:
-    """All pairs, train and test, as one stream of (prompt, chosen, rejected, source, split)."""
-    from .corpus import read_records
+    """All pairs, train and test, as one stream of (prompt, chosen, rejected, source, split): the preference
+    records' and those constructed from the KG and exam training records, of what the data file has."""
+    from .corpus import read_records, record_files
     seed = cfg.data.seed
-    prefs = read_records(cfg, ["train", "test"], ["preference"]).map_batches(preference_pairs, batch_format="pyarrow")
-    kg = read_records(cfg, ["train"], ["kg_qa"])
-    # Shuffled, so that each batch holds diseases of every department to draw the wrong facts from.
-    drawn = kg.filter(lambda r: bool(kg_swap_sources(r["id"], json.loads(r["meta"]), seed)))
-    swaps = drawn.random_shuffle(seed=seed).map_batches(
-        kg_pairs, batch_format="pyarrow", batch_size=cfg.data.batch_size,
-        fn_kwargs={"seed": seed, "kg_en_fraction": cfg.data.kg_en_fraction, "cap": cfg.data.kg_max_objects,
-                   "departments": disease_departments(kg)})
-    exams = read_records(cfg, ["train"], ["exam"]).map_batches(exam_pairs, batch_format="pyarrow",
-                                                               fn_kwargs={"seed": seed})
-    return prefs.union(swaps, exams)
+    parts = []
+    if record_files(cfg, ["train", "test"], ["preference"]):
+        parts.append(read_records(cfg, ["train", "test"], ["preference"]).map_batches(preference_pairs,
+                                                                                      batch_format="pyarrow"))
+    if record_files(cfg, ["train"], ["kg_qa"]):
+        kg = read_records(cfg, ["train"], ["kg_qa"])
+        # Shuffled, so that each batch holds diseases of every department to draw the wrong facts from.
+        drawn = kg.filter(lambda r: bool(kg_swap_sources(r["id"], json.loads(r["meta"]), seed)))
+        parts.append(drawn.random_shuffle(seed=seed).map_batches(
+            kg_pairs, batch_format="pyarrow", batch_size=cfg.data.batch_size,
+            fn_kwargs={"seed": seed, "kg_en_fraction": cfg.data.kg_en_fraction, "cap": cfg.data.kg_max_objects,
+                       "departments": disease_departments(kg)}))
+    if record_files(cfg, ["train"], ["exam"]):
+        parts.append(read_records(cfg, ["train"], ["exam"]).map_batches(exam_pairs, batch_format="pyarrow",
+                                                                        fn_kwargs={"seed": seed}))
+    if not parts:
+        raise FileNotFoundError("no preference, KG or exam training records to make reward-model pairs of")
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def pair_table(cfg: Config) -> Path:

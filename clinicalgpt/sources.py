@@ -7,6 +7,7 @@ config forces for the file ("" lets the builder decide).
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Callable
 
@@ -37,7 +38,7 @@ def _id(obj: dict, source: str, *content: str) -> str:
 
 def _split(split: str, obj: dict) -> str:
     split = split or obj.get("split") or ""
-    split = {"dev": "valid", "validate": "valid", "val": "valid"}.get(split, split)
+    split = {"dev": "valid", "validate": "valid", "validation": "valid", "val": "valid"}.get(split, split)
     if split not in ("train", "valid", "rl", "test"):
         raise Skip("unknown_split")
     return split
@@ -95,24 +96,34 @@ def format_exam_question(question: str, options: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def exam(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
-    question = _text(obj, "question")
-    options = obj.get("options")
+def exam(obj: dict, source: str, split: str, cfg: DataConfig, task: str = "exam", fields: dict | None = None) -> list[dict]:
+    """Exam questions: `question`; `options`, a dict of letters, a list (lettered A, B ...) or absent with one field
+    per letter (a CSV's columns A, B ...); `answer`, a letter or letters; optional `explanation`, `category`."""
+    name = {k: (fields or {}).get(k, k) for k in ("question", "options", "answer", "explanation", "category")}
+    question = _text(obj, name["question"])
+    options = obj.get(name["options"])
+    if isinstance(options, list):
+        options = {chr(ord("A") + i): v for i, v in enumerate(options)}
+    elif options is None:
+        options = {k: obj[k] for k in "ABCDEFGH" if obj.get(k) not in (None, "")}
     if not isinstance(options, dict) or len(options) < 2:
-        raise Skip("missing_field:options")
+        raise Skip(f"missing_field:{name['options']}")
     options = {str(k).strip().upper(): str(v).strip() for k, v in sorted(options.items())}
     if any(not v for v in options.values()):
         raise Skip("empty_text")
-    answer = "".join(sorted(set(_text(obj, "answer").upper().replace(",", "").replace(" ", ""))))
+    answer = "".join(sorted(set(re.sub(r"[,，、;；\s]", "", _text(obj, name["answer"]).upper()))))
     if not answer or any(letter not in options for letter in answer):
         raise Skip("answer_not_in_options")
     reply = f"答案：{answer}。" + "；".join(options[a] for a in answer)
-    explanation = (obj.get("explanation") or "").strip()
+    explanation = str(obj.get(name["explanation"]) or "").strip()
     if explanation:
         reply += f"\n解析：{explanation}"
     meta = {"answer": answer, "options": options, "multi_answer": len(answer) > 1}
-    meta.update({k: obj[k] for k in ("year", "question_type", "category") if obj.get(k) is not None})
-    return [make_record(_id(obj, source, question), "exam", source, _split(split, obj),
+    meta.update({k: obj[k] for k in ("year", "question_type") if obj.get(k) is not None})
+    if obj.get(name["category"]) is not None:
+        meta["category"] = obj[name["category"]]
+    item_id = _id(obj, source, question)
+    return [make_record(item_id, "exam", source, _format_split(split, obj, source, item_id, cfg),
                         [{"role": "user", "content": format_exam_question(question, options)},
                          {"role": "assistant", "content": reply}], meta=meta)]
 
@@ -260,28 +271,57 @@ def _strip_leaks(text: str) -> str:
     return text
 
 
-def _preference(weak: bool) -> Callable:
-    def build(obj: dict, source: str, split: str, cfg: DataConfig) -> list[dict]:
-        prompt = _text(obj, "prompt")
-        chosen, rejected = _strip_leaks(_text(obj, "chosen")), _strip_leaks(_text(obj, "rejected"))
-        if not chosen or not rejected:
-            raise Skip("empty_text")
-        if chosen == rejected:
-            raise Skip("identical_pair")
-        raw_meta = obj.get("meta") or {}
-        meta = {"subset": obj.get("source", ""), "weak_label": weak,
-                "model_chosen": raw_meta.get("model_chosen"), "model_rejected": raw_meta.get("model_rejected")}
-        return [make_record(_id(obj, source, prompt, chosen, rejected), "preference", source, _split(split, obj),
-                            [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}],
-                            rejected=rejected, meta=meta)]
-    return build
+def _conversation(value, name: str) -> list[dict]:
+    """A preference field as chat messages: a string is one message (an assistant reply), a list is messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value.strip()}] if value.strip() else []
+    if isinstance(value, list):
+        return turn_messages(value, "role", "content", CHAT_ROLES)
+    raise Skip(f"missing_field:{name}" if value is None else f"bad_type:{name}")
 
 
-# --- the ecosystem's formats: a user's own chats ----------------------------------------------------
+def preference(obj: dict, source: str, split: str, cfg: DataConfig, task: str = "preference",
+               fields: dict | None = None, weak: bool = False) -> list[dict]:
+    """Preference pairs: `prompt`, `chosen`, `rejected`, each a string or a list of chat messages; chosen and
+    rejected may be whole conversations ending in the reply (their shared opening is then the prompt). The
+    prompt is one user message: the reward model scores single-turn prompts, others are skipped as multi_turn_prompt."""
+    name = {k: (fields or {}).get(k, k) for k in ("prompt", "chosen", "rejected")}
+    chosen, rejected = (_conversation(obj.get(name[k]), name[k]) for k in ("chosen", "rejected"))
+    if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise Skip("empty_text")
+    prompt = obj.get(name["prompt"])
+    prompt = [{"role": "user", "content": prompt.strip()}] if isinstance(prompt, str) else \
+        turn_messages(prompt, "role", "content", CHAT_ROLES) if isinstance(prompt, list) else chosen[:-1]
+    if chosen[:-1] not in ([], prompt) or rejected[:-1] not in ([], prompt):
+        raise Skip("prompts_differ")
+    if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"]:
+        raise Skip(f"missing_field:{name['prompt']}")
+    if len(prompt) > 1:
+        raise Skip("multi_turn_prompt")
+    chosen, rejected = _strip_leaks(chosen[-1]["content"]), _strip_leaks(rejected[-1]["content"])
+    if not chosen or not rejected:
+        raise Skip("empty_text")
+    if chosen == rejected:
+        raise Skip("identical_pair")
+    raw_meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    meta = {"subset": obj.get("source", "") if isinstance(obj.get("source"), str) else "", "weak_label": weak,
+            "model_chosen": raw_meta.get("model_chosen"), "model_rejected": raw_meta.get("model_rejected")}
+    item_id = _id(obj, source, prompt[-1]["content"], chosen, rejected)
+    return [make_record(item_id, "preference", source, _format_split(split, obj, source, item_id, cfg),
+                        [prompt[-1], {"role": "assistant", "content": chosen}], rejected=rejected, meta=meta)]
 
-FORMAT_TASKS = ("dialogue", "community_qa")  # what a format's records train (train, valid) or evaluate (test)
+
+# --- the ecosystem's formats: a user's own data -------------------------------------------------------
+
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _format_split(split: str, obj: dict, source: str, item_id: str, cfg: DataConfig) -> str:
+    """The spec's split, else the record's own, else test for a seeded data.holdout_fraction of the items."""
+    if split or obj.get("split"):
+        return _split(split, obj)
+    return "test" if hash_fraction("holdout", str(cfg.seed), source, item_id) < cfg.holdout_fraction else "train"
 
 
 def _turns(obj: dict, fields: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
@@ -292,19 +332,16 @@ def _turns(obj: dict, fields: dict, key: str, role_key: str, text_key: str, role
     return turn_messages(obj[key], role_key, text_key, roles)
 
 
-def _format_records(messages: list[dict], obj: dict, source: str, split: str, cfg: DataConfig,
-                    task: str) -> list[dict]:
+def _chat_records(messages: list[dict], obj: dict, source: str, split: str, cfg: DataConfig,
+                  task: str) -> list[dict]:
     """A user's chat as records of `task`: trailing turns after the last assistant reply dropped (nothing to learn
-    from them). The split: the spec's, the record's own, or a seeded data.holdout_fraction held out as test."""
+    from them)."""
     while messages and messages[-1]["role"] != "assistant":
         messages = messages[:-1]
     if not any(m["role"] == "user" for m in messages):
         raise Skip("no_assistant_reply" if not messages else "no_user_turn")
     item_id = _id(obj, source, *(m["content"] for m in messages))
-    if split or obj.get("split"):
-        split = _split(split, obj)
-    else:
-        split = "test" if hash_fraction("holdout", str(cfg.seed), source, item_id) < cfg.holdout_fraction else "train"
+    split = _format_split(split, obj, source, item_id, cfg)
     if task == "dialogue":
         return dialogue_records(messages, item_id, source, split, cfg, {})
     return [make_record(item_id, task, source, split, messages)]
@@ -313,13 +350,13 @@ def _format_records(messages: list[dict], obj: dict, source: str, split: str, cf
 def chat(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
     """OpenAI chat: `messages`, each {`role`: system|user|assistant, `content`}; trains on every assistant turn."""
     messages = _turns(obj, fields, "messages", "role", "content", CHAT_ROLES)
-    return _format_records(messages, obj, source, split, cfg, task)
+    return _chat_records(messages, obj, source, split, cfg, task)
 
 
 def sharegpt(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
     """ShareGPT: `conversations`, each {`from`: system|human|gpt, `value`}."""
     messages = _turns(obj, fields, "conversations", "from", "value", SHAREGPT_ROLES)
-    return _format_records(messages, obj, source, split, cfg, task)
+    return _chat_records(messages, obj, source, split, cfg, task)
 
 
 def alpaca(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
@@ -330,40 +367,85 @@ def alpaca(obj: dict, source: str, split: str, cfg: DataConfig, task: str, field
     if not isinstance(extra, str):
         raise Skip(f"bad_type:{name['input']}")
     user = instruction + ("\n" + extra.strip() if extra.strip() else "")
-    return _format_records([{"role": "user", "content": user}, {"role": "assistant", "content": output}],
-                           obj, source, split, cfg, task)
+    return _chat_records([{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+                         obj, source, split, cfg, task)
 
 
-FORMATS: dict[str, Callable] = {"chat": chat, "sharegpt": sharegpt, "alpaca": alpaca}
+def text(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
+    """Plain documents for domain pretraining: `text`. Training split only; a document longer than
+    data.max_record_chars is cut at line breaks into several records. Each is kept as one user message, so that
+    the test-overlap key (its opening characters) applies to it too."""
+    body, limit = _text(obj, fields.get("text", "text")), cfg.max_record_chars
+    lines = [line[i:i + limit] for line in body.splitlines(keepends=True) for i in range(0, len(line), limit)]
+    pieces = [""]
+    for line in lines:
+        if len(pieces[-1]) + len(line) > limit:
+            pieces.append("")
+        pieces[-1] += line
+    pieces = [p.strip() for p in pieces if p.strip()]
+    item_id = _id(obj, source, body)
+    return [make_record(item_id if len(pieces) == 1 else f"{item_id}-{i}", "text", source, "train",
+                        [{"role": "user", "content": p}]) for i, p in enumerate(pieces)]
 
 
+def diagnosis(obj: dict, source: str, split: str, cfg: DataConfig, task: str, fields: dict) -> list[dict]:
+    """Diagnosis records: the notes in `record`, a string or an object of named note fields (`fields: {record:
+    主诉,现病史}` takes them from several fields), `diagnosis`, optional `disease_group`."""
+    names = fields.get("record", "record").split(",")
+    notes = {n: obj.get(n) for n in names} if len(names) > 1 else obj.get(names[0])
+    if isinstance(notes, dict):
+        notes = "\n".join(f"{k}：{str(v).strip()}" for k, v in notes.items() if v is not None and str(v).strip())
+    elif not isinstance(notes, str):
+        raise Skip(f"missing_field:{names[0]}" if notes is None else f"bad_type:{names[0]}")
+    if not notes.strip():
+        raise Skip("empty_text")
+    label = _text(obj, fields.get("diagnosis", "diagnosis"))
+    group = str(obj.get(fields.get("disease_group", "disease_group")) or "unknown").strip()
+    split = _format_split(split, obj, source, _id(obj, source, notes.strip()), cfg)
+    return [_diagnosis_record(obj, source, split, notes.strip(), label, group)]
+
+
+# Format -> (builder, the tasks its records may be: what they train (train, valid) or evaluate (test)).
+FORMATS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "chat": (chat, ("dialogue", "community_qa")),
+    "sharegpt": (sharegpt, ("dialogue", "community_qa")),
+    "alpaca": (alpaca, ("dialogue", "community_qa")),
+    "text": (text, ("text",)),
+    "exam": (exam, ("exam",)),
+    "diagnosis": (diagnosis, ("diagnosis",)),
+    "preference": (preference, ("preference",)),
+}
+
+# The bundled corpora that no format reads as they are.
 BUILDERS: dict[str, Callable] = {
     "kg_xywy": _kg("xywy"),
     "kg_health39": _kg("health39"),
     "community_qa": community_qa,
-    "exam": exam,
     "dialogue": dialogue,
     "safety": safety,
     "diagnosis_dxy": diagnosis_dxy,
     "diagnosis_haodf": diagnosis_haodf,
     "diagnosis_cmb_clin": diagnosis_cmb_clin,
-    "preference": _preference(weak=False),
-    "preference_weak": _preference(weak=True),
+    "preference_weak": partial(preference, weak=True),
 }
+
 
 def builder_for(spec: SourceSpec) -> Callable:
     """The builder of a source, (obj, source, split, cfg) -> records: its bundled corpus's, or its format's for
-    the spec's task and field names. A ValueError says what is wrong with the spec."""
+    the spec's task (needed where a format's records may be of several) and field names. A ValueError says what is
+    wrong with the spec."""
     if spec.kind in BUILDERS:
         return BUILDERS[spec.kind]
     if spec.kind not in FORMATS:
-        raise ValueError(f"unknown kind {spec.kind!r} (corpora: {', '.join(BUILDERS)}; formats: {', '.join(FORMATS)})")
-    if spec.task not in FORMAT_TASKS:
-        raise ValueError(f"kind {spec.kind} needs a task, one of {', '.join(FORMAT_TASKS)} (got {spec.task!r})")
-    return partial(FORMATS[spec.kind], task=spec.task, fields=spec.fields)
+        raise ValueError(f"unknown kind {spec.kind!r} (formats: {', '.join(FORMATS)}; corpora: {', '.join(BUILDERS)})")
+    build, tasks = FORMATS[spec.kind]
+    task = spec.task or (tasks[0] if len(tasks) == 1 else "")
+    if task not in tasks:
+        raise ValueError(f"kind {spec.kind} needs a task, one of {', '.join(tasks)} (got {spec.task!r})")
+    return partial(build, task=task, fields=spec.fields)
 
 
 def may_hold_test(kind: str, split: str) -> bool:
     """Whether a source's records may land in the test split (their keys are collected before any
     training record is written, so that no test question leaks into training)."""
-    return split in ("", "test") and not kind.startswith("kg_")
+    return split in ("", "test") and not kind.startswith("kg_") and kind != "text"

@@ -14,8 +14,10 @@ from .trainer import Task, causal_lm_loss, export_hf
 
 # Tasks whose text teaches the model medicine: everything with a training split except preference pairs.
 CORPUS_TASKS = ["kg_qa", "community_qa", "exam", "dialogue", "diagnosis"]
-# How each causal stage reads the records: pretraining on plain text, SFT on chats with response-only labels.
+# How each causal stage reads the records: pretraining on plain text, SFT on chats with response-only labels;
+# plain documents (format text) only pretrain: they hold no replies to fine-tune on.
 STAGE_MODES = {"pretrain": "text", "sft": "chat"}
+STAGE_TASKS = {"pretrain": CORPUS_TASKS + ["text"], "sft": CORPUS_TASKS}
 
 
 class CausalLMTask(Task):
@@ -39,7 +41,7 @@ def stage_streams(cfg: Config, stage: str) -> dict[str, dict]:
     """The packed streams a causal stage reads: its training stream (sampled and shuffled by the stage's
     settings) and its held-out set (the QA and dialogue validation records)."""
     train_cfg, mode = getattr(cfg, stage), STAGE_MODES[stage]
-    return {f"{stage}_train": {"mode": mode, "splits": ["train"], "tasks": CORPUS_TASKS,
+    return {f"{stage}_train": {"mode": mode, "splits": ["train"], "tasks": STAGE_TASKS[stage],
                                "fractions": dict(sorted(train_cfg.task_fractions.items())), "seed": train_cfg.seed},
             f"{stage}_eval": {"mode": mode, "splits": ["valid"], "tasks": ["community_qa", "dialogue"]}}
 

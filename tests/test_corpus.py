@@ -107,3 +107,81 @@ def test_a_users_chats_in_each_format_become_records_and_what_does_not_fit_is_co
     assert manifest["skipped"] == {"mine/chats": {"bad_turn": 1}, "mine/alpaca": {"missing_field:回答": 1}}
     qa = pq.read_table(cfg.data_dir / "records" / "train" / "community_qa").to_pylist()
     assert sorted(r["messages"][0]["content"] for r in qa) == ["血压140/90 是否偏高？", "血压141/90 是否偏高？"]
+
+
+def test_a_users_files_of_every_type_in_every_format_become_records(ray_session, tmp_path):
+    """A CSV exam bank, Parquet diagnosis notes, a JSON array of conversational preference pairs, a `datasets`
+    DatasetDict of chats and a folder of plain documents: records of the right task and split, and every row that
+    does not fit counted by reason with its file and line."""
+    import datasets
+    import pyarrow as pa
+
+    root = tmp_path / "corpora"
+    (root / "mine" / "books").mkdir(parents=True)
+    (root / "mine" / "exams.csv").write_bytes("\n".join([
+        "题目,A,B,C,D,答案,科目",
+        "高血压的诊断标准是,收缩压≥140,收缩压≥120,收缩压≥160,收缩压≥180,A,内科",
+        '"糖尿病的首选检查,是",空腹血糖,糖化血红蛋白,心电图,胸片,"A、B",内科',
+        "多出一列,a,b,c,d,A,内科,多余",
+        "答案不在选项中,a,b,c,d,E,内科"]).encode() + b"\nlatin-1,\xe9\xe9,b,c,d,A,x\n")
+    pq.write_table(pa.table({"主诉": ["发热三天", "头痛一周", "咳嗽"], "现病史": ["伴咽痛", None, "无"],
+                             "诊断": ["急性扁桃体炎", "偏头痛", None], "split": ["train", "test", "train"]}),
+                   root / "mine" / "notes.parquet")
+    ask = {"role": "user", "content": "孕妇能用布洛芬吗？"}
+    (root / "mine" / "prefs.json").write_text(json.dumps([
+        {"chosen": [ask, {"role": "assistant", "content": "孕晚期禁用，请遵医嘱。"}],
+         "rejected": [ask, {"role": "assistant", "content": "可以随便用。"}]},
+        {"prompt": "感冒要吃抗生素吗？", "chosen": "病毒性感冒不需要。", "rejected": "要吃。"},
+        {"prompt": [ask, {"role": "assistant", "content": "哪个孕期？"}, {"role": "user", "content": "孕晚期"}],
+         "chosen": "禁用。", "rejected": "可以。"}], ensure_ascii=False))
+    chat = [{"messages": [{"role": "user", "content": f"胃痛{i}天怎么办？"},
+                          {"role": "assistant", "content": f"胃痛{i}天，建议查胃镜。"}]} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(chat[:2]),
+                          "test": datasets.Dataset.from_list(chat[2:])}).save_to_disk(str(root / "mine" / "chats"))
+    book = "\n".join(f"第{i}段：高血压患者应限制钠盐摄入，规律服药，定期监测血压。" for i in range(12))
+    (root / "mine" / "books" / "train.jsonl").write_text(json.dumps({"text": book}, ensure_ascii=False) + "\n")
+    config = tmp_path / "mine.yaml"
+    config.write_text("""data:
+  max_record_chars: 200
+  sources:
+    - {path: mine/exams.csv, kind: exam, split: test, fields: {question: 题目, answer: 答案, category: 科目}}
+    - {path: mine/notes.parquet, kind: diagnosis, fields: {record: "主诉,现病史", diagnosis: 诊断}}
+    - {path: mine/prefs.json, kind: preference, split: train}
+    - {path: mine/chats, kind: chat, task: community_qa}
+    - {path: mine/books, kind: text}
+""")
+    cfg = load_config([f"config={config}", f"data.root={root}", f"run_root={tmp_path / 'runs'}"])
+    manifest = build_records(cfg)
+    assert manifest["records"] == {
+        "train": {"diagnosis": {"mine/notes": 1}, "preference": {"mine/prefs": 2}, "community_qa": {"mine/chats": 2},
+                  "text": {"mine/books": 2}},
+        "test": {"exam": {"mine/exams": 2}, "diagnosis": {"mine/notes": 1}, "community_qa": {"mine/chats": 1}}}
+    assert manifest["skipped"] == {"mine/exams": {"malformed_csv": 1, "answer_not_in_options": 1, "bad_encoding": 1},
+                                   "mine/notes": {"missing_field:诊断": 1}, "mine/prefs": {"multi_turn_prompt": 1}}
+    skipped = [json.loads(x) for x in open(cfg.data_dir / "skipped.jsonl")]
+    assert sorted((s["file"], s["line"]) for s in skipped if s["source"] == "mine/exams") == \
+        [("mine/exams.csv", 4), ("mine/exams.csv", 5), ("mine/exams.csv", 6)]
+
+    def read(split, task):
+        return pq.read_table(cfg.data_dir / "records" / split / task).to_pylist()
+    exams = sorted(read("test", "exam"), key=lambda r: r["id"])
+    assert sorted(json.loads(r["meta"])["answer"] for r in exams) == ["A", "AB"]
+    assert all(json.loads(r["meta"])["category"] == "内科" for r in exams)
+    assert any("糖尿病的首选检查,是" in r["messages"][0]["content"] for r in exams)  # a quoted comma stays
+    (note,) = read("train", "diagnosis")
+    assert note["messages"][0]["content"].startswith("主诉：发热三天\n现病史：伴咽痛\n")
+    assert note["messages"][1]["content"] == "诊断：急性扁桃体炎"
+    prefs = {r["messages"][0]["content"]: (r["messages"][1]["content"], r["rejected"]) for r in read("train", "preference")}
+    assert prefs == {"孕妇能用布洛芬吗？": ("孕晚期禁用，请遵医嘱。", "可以随便用。"), "感冒要吃抗生素吗？": ("病毒性感冒不需要。", "要吃。")}
+    pieces = [r["messages"][0]["content"] for r in read("train", "text")]
+    assert all(len(p) <= 200 for p in pieces) and "\n".join(sorted(pieces, key=lambda p: int(p[1:p.index("段")]))) == book
+
+
+def test_a_source_where_nothing_fits_fails_with_its_file_line_and_reason(ray_session, tmp_path):
+    root = tmp_path / "corpora"
+    (root / "mine").mkdir(parents=True)
+    (root / "mine" / "qa.jsonl").write_text("\n" + json.dumps({"instruction": "头痛怎么办", "output": "休息"}) + "\n")
+    cfg = load_config([f"data.root={root}", f"run_root={tmp_path / 'runs'}"])
+    cfg.data.sources = [SourceSpec("mine/qa.jsonl", "chat", task="dialogue")]
+    with pytest.raises(SourceError, match=r"mine/qa .*mine/qa.jsonl line 2, is skipped as missing_field:messages"):
+        build_records(cfg)

@@ -104,3 +104,22 @@ def test_bootstrapped_model_loads_offline_and_generates_in_vllm(built):
     assert len(result["transformers_ids"]) > 0 and len(result["vllm_ids"]) > 0
     # Greedy decoding of the same fp32 weights: vLLM and transformers pick the same first tokens.
     assert result["vllm_ids"][:8] == result["transformers_ids"][:8]
+
+
+def test_a_data_file_of_evaluation_sources_alone_builds_with_a_models_tokenizer(built, tmp_path):
+    """A team evaluating trained models on its own exam bank: only test sources and a model's own tokenizer. The job
+    writes the records and their token counts, and no training streams or pairs (it once crashed after the records)."""
+    from jobs import data
+    cfg, _ = built
+    (tmp_path / "bank").mkdir()
+    (tmp_path / "bank" / "exams.csv").write_text("题目,A,B,C,答案\n" + "".join(
+        f"第{i}题：高血压的诊断标准是,收缩压≥140,收缩压≥120,收缩压≥160,A\n" for i in range(3)))
+    config = tmp_path / "bank.yaml"
+    config.write_text("data:\n  sources:\n    - {path: bank/exams.csv, kind: exam, split: test, "
+                      "fields: {question: 题目, answer: 答案}}\n")
+    manifest = data.main([f"config={config}", f"data.root={tmp_path}", f"run_root={tmp_path / 'runs'}",
+                          f"model.path={cfg.model_path}", "model.train_tokenizer=false"])
+    assert manifest["records"] == {"test": {"exam": {"bank/exams": 3}}}
+    assert manifest["tokens"]["test"]["exam"]["records"] == 3
+    assert manifest["streams"] == {} and manifest["pairs"] is None
+    assert "| exam | 0 | 0 | 0 | 3 |" in (tmp_path / "runs" / "tiny" / "data" / "manifest.md").read_text()

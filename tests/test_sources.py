@@ -4,21 +4,21 @@ import json
 
 import pytest
 
-from clinicalgpt.config import DataConfig, load_config
+from clinicalgpt.config import DataConfig, SourceSpec, load_config
 from clinicalgpt.kg_templates import TEMPLATES, clean_objects, join_objects, render_qa
 from clinicalgpt.records import Skip, dedup_key, leak_key, normalize
-from clinicalgpt.sources import BUILDERS, cut_at_doctor_turn, dialogue_messages
+from clinicalgpt.sources import BUILDERS, builder_for, cut_at_doctor_turn, dialogue_messages
 
 CFG = DataConfig()
 
 
-def build(kind, obj, split=""):
-    return BUILDERS[kind](obj, f"test/{kind}", split, CFG)
+def build(kind, obj, split="", **spec):
+    return builder_for(SourceSpec(f"test/{kind}", kind, split, **spec))(obj, f"test/{kind}", split, CFG)
 
 
-def skip_reason(kind, obj, split=""):
+def skip_reason(kind, obj, split="", **spec):
     with pytest.raises(Skip) as e:
-        build(kind, obj, split)
+        build(kind, obj, split, **spec)
     return str(e.value)
 
 
