@@ -75,6 +75,9 @@ class DataConfig:
     kg_inverse: bool = True  # also ask the reverse questions (symptom -> diseases, drug -> indications)
     max_record_chars: int = 12000  # longer records are skipped as over_length
     holdout_fraction: float = 0.2  # test share for sources that ship without a test split
+    # Replace protected health details (ID and phone numbers, names, dates of birth ...) in every source row with
+    # typed placeholders before anything is written (clinicalgpt/deidentify.py); on for a hospital's own records.
+    deidentify: bool = False
     rl_dialogue_fraction: float = 0.5  # share of valid dialogues also cut into RL prompts
     shard_rows: int = 10000  # small shards: block order shuffling then mixes sources well
     batch_size: int = 2000  # Ray Data batch for building and tokenizing records

@@ -40,7 +40,8 @@ BUILD_SCHEMA = RECORD_SCHEMA.append(pa.field("skip", pa.string())) \
     .append(pa.field("raw", pa.string())) \
     .append(pa.field("n_inputs", pa.int8())) \
     .append(pa.field("dedup_key", pa.int64())) \
-    .append(pa.field("leak_key", pa.int64()))
+    .append(pa.field("leak_key", pa.int64())) \
+    .append(pa.field("redacted", pa.string()))
 
 
 class SourceError(RuntimeError):
@@ -79,15 +80,17 @@ def resolve_sources(cfg: Config) -> dict[str, SourceSpec]:
     return resolved
 
 
-def _skip_row(path: str, line: int, source: str, reason: str, raw: str) -> dict:
+def _skip_row(path: str, line: int, source: str, reason: str, raw: str, redacted: str) -> dict:
     return {"id": f"{path}:{line}", "task": "", "source": source, "split": "", "messages": [], "rejected": None,
-            "meta": "{}", "skip": reason, "raw": raw, "n_inputs": 1, "dedup_key": 0, "leak_key": 0}
+            "meta": "{}", "skip": reason, "raw": raw, "n_inputs": 1, "dedup_key": 0, "leak_key": 0,
+            "redacted": redacted}
 
 
 def records_from_rows(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config, keep_test_only: bool) -> pa.Table:
     """Ray Data map: source rows -> records; every row yields records or one skip row."""
     out, builders = [], {path: builder_for(spec) for path, spec in specs.items()}
-    for path, line, text, problem in zip(*(batch.column(c).to_pylist() for c in ("path", "line", "text", "problem"))):
+    columns = ("path", "line", "text", "problem", "redacted")
+    for path, line, text, problem, redacted in zip(*(batch.column(c).to_pylist() for c in columns)):
         spec = specs[path]
         source = source_name(spec)
         try:
@@ -105,15 +108,15 @@ def records_from_rows(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config
                 if chars > cfg.data.max_record_chars:
                     raise Skip("over_length")
         except Skip as skip:
-            out.append(_skip_row(path, line, source, str(skip), text[:2000]))
+            out.append(_skip_row(path, line, source, str(skip), text[:2000], redacted))
             continue
         if keep_test_only:
             records = [r for r in records if r["split"] == "test"]
         for i, rec in enumerate(records):
             out.append({**rec, "skip": "", "raw": None, "n_inputs": int(i == 0),
-                        "dedup_key": dedup_key(rec), "leak_key": leak_key(rec)})
+                        "dedup_key": dedup_key(rec), "leak_key": leak_key(rec), "redacted": redacted if i == 0 else ""})
         if not records:  # a row whose records all belong to the other pass still counts as read
-            out.append({**_skip_row(path, line, source, "", None), "skip": "other_pass"})
+            out.append({**_skip_row(path, line, source, "", None, redacted), "skip": "other_pass"})
     return pa.Table.from_pylist(out, schema=BUILD_SCHEMA)
 
 
@@ -144,7 +147,8 @@ def inverse_records(group: pa.Table, cfg: Config) -> pa.Table:
     source, graph, kind, obj = (group.column(c)[0].as_py() for c in ("source", "graph", "kind", "object"))
     subjects = sorted(set(group.column("subject").to_pylist()))
     rec = kg_inverse_record(graph, kind, obj, subjects, source, cfg.data)
-    row = {**rec, "skip": "", "raw": None, "n_inputs": 0, "dedup_key": dedup_key(rec), "leak_key": leak_key(rec)}
+    row = {**rec, "skip": "", "raw": None, "n_inputs": 0, "dedup_key": dedup_key(rec), "leak_key": leak_key(rec),
+           "redacted": ""}
     return pa.Table.from_pylist([row], schema=BUILD_SCHEMA)
 
 
@@ -216,12 +220,13 @@ def build_records(cfg: Config) -> dict:
 
     def read(paths):  # datasets derived from this one keep its context
         with ray.data.DataContext.current(ctx):
-            return ray.data.read_datasource(SourceRowsDatasource(paths))
+            return ray.data.read_datasource(SourceRowsDatasource(paths, deidentify=cfg.data.deidentify))
 
     writer = ShardWriter(records_dir, cfg.data.shard_rows)
     counts: Counter = Counter()  # (split, task, source) -> records
     skips: Counter = Counter()  # (source, reason) -> rows
     first_skip: dict[str, tuple[str, int, str]] = {}  # source -> (file, line, reason) of its first skipped row
+    redacted: Counter = Counter()  # kind -> details de-identified (data.deidentify)
     dropped: Counter = Counter()  # (source, reason) -> records dropped as duplicate / test overlap
     skipped_file = open(out / "skipped.jsonl", "w", encoding="utf-8")
 
@@ -266,8 +271,10 @@ def build_records(cfg: Config) -> dict:
     for block in blocks:
         bar.update(int(np.sum(block.column("n_inputs").to_numpy())))
         keep = []
-        for i, (src, split, skip, raw, line_id, dk, lk) in enumerate(zip(*(block.column(c).to_pylist() for c in (
-                "source", "split", "skip", "raw", "id", "dedup_key", "leak_key")))):
+        for i, (src, split, skip, raw, line_id, dk, lk, found) in enumerate(zip(*(block.column(c).to_pylist() for c in (
+                "source", "split", "skip", "raw", "id", "dedup_key", "leak_key", "redacted")))):
+            if found:
+                redacted.update(json.loads(found))
             if skip:
                 if skip != "other_pass":
                     skips[(src, skip)] += 1
@@ -311,6 +318,7 @@ def build_records(cfg: Config) -> dict:
         "skipped_total": sum(skips.values()),
         "dropped": _nested(dropped),
         "dropped_total": sum(dropped.values()),
+        "deidentified": dict(sorted(redacted.items())) if cfg.data.deidentify else None,
     }
     return manifest
 

@@ -148,6 +148,10 @@ def write_manifest(manifest: dict, out: Path) -> None:
                   "| source | train | test |", "|---|---|---|"]
         lines += [f"| {s} | {pairs['train'].get(s, 0):,} | {pairs['test'].get(s, 0):,} |"
                   for s in sorted({*pairs["train"], *pairs["test"]})]
+    if manifest["deidentified"] is not None:
+        lines += ["", "## De-identified details (data.deidentify; replaced by typed placeholders)", "",
+                  "| kind | details |", "|---|---|"]
+        lines += [f"| {k} | {n:,} |" for k, n in manifest["deidentified"].items()] or ["| - | 0 |"]
     lines += ["", "## Skipped input lines (see skipped.jsonl)", "", "| source | reason | lines |", "|---|---|---|"]
     lines += _reason_rows(manifest["skipped"])
     lines += ["", "## Dropped records", "", "| source | reason | records |", "|---|---|---|"]
@@ -176,5 +180,7 @@ def print_summary(manifest: dict) -> None:
         dropped.update(reasons)
     print(f"[data] dropped {manifest['dropped_total']:,} records:",
           ", ".join(f"{r} {n:,}" for r, n in dropped.items()))
+    if manifest["deidentified"] is not None:
+        print("[data] de-identified:", ", ".join(f"{k} {n:,}" for k, n in manifest["deidentified"].items()) or "none")
     print(f"[data] {manifest['job_seconds']} s, peak memory {manifest['peak_memory_gb']} GB "
           f"-> {manifest['records_dir']}")

@@ -41,12 +41,16 @@ ESTIMATE_KINDS = {"cure_rate", "cost", "treat_cycle", "prevalence", "insurance",
 NO_SWAP_KINDS = {"good_food", "avoid_food", "recipe", "treatment", "susceptible"}
 # Constructed KG source -> whether its wrong facts are of the question's own kind.
 KG_SWAPS = {"constructed/kg_swap": True, "constructed/kg_wrong_kind": False}
-PAIR_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected", "source", "split")])
+# A pair's group: the ranked set (one prompt's responses) it comes from, "" for a lone pair; its weight, 1 / the
+# pairs of its group, so that each prompt counts once in the loss (InstructGPT's ranked comparisons).
+PAIR_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected", "source", "split", "group")]
+                        + [("weight", pa.float32())])
 
 
 def pair_row(prompt: str, chosen: str, rejected: str, source: str, key: str, seed: int) -> dict:
     split = "test" if hash_fraction("rm-split", str(seed), key) < CONSTRUCTED_TEST_FRACTION else "train"
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source, "split": split}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source, "split": split, "group": "",
+            "weight": 1.0}
 
 
 def kg_swap_sources(record_id: str, meta: dict, seed: int) -> list[str]:
@@ -123,20 +127,24 @@ def exam_pairs(batch: pa.Table, seed: int) -> pa.Table:
 def preference_pairs(batch: pa.Table) -> pa.Table:
     """Ray Data map: preference records -> pairs (the source is the corpus subset, e.g. pulse_eval/WebMedQA)."""
     rows = batch.to_pylist()
+    metas = [json.loads(r["meta"]) for r in rows]
     return pa.table({
         "prompt": [r["messages"][0]["content"] for r in rows],
         "chosen": [r["messages"][-1]["content"] for r in rows],
         "rejected": [r["rejected"] for r in rows],
-        "source": [json.loads(r["meta"]).get("subset") or r["source"] for r in rows],
+        "source": [m.get("subset") or r["source"] for r, m in zip(rows, metas)],
         "split": [r["split"] for r in rows],
-    })
+        "group": [m.get("group", "") for m in metas],
+        "weight": [1.0 / m.get("group_pairs", 1) for m in metas],
+    }, schema=PAIR_SCHEMA)
 
 
 def in_half(batch: pa.Table, half: int) -> pa.Table:
-    """Ray Data map: the pairs of one half (1 or 2), by a hash of the pair that no seed changes, so the reward
-    model and the judge train on disjoint halves."""
-    columns = [batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
-    keep = [(hash_fraction("rm-half", *pair) < 0.5) == (half == 1) for pair in zip(*columns)]
+    """Ray Data map: the pairs of one half (1 or 2), by a hash of the pair (of its ranked set: its group) that no
+    seed changes, so the reward model and the judge train on disjoint halves."""
+    columns = [batch.column(c).to_pylist() for c in ("group", "prompt", "chosen", "rejected")]
+    keep = [(hash_fraction("rm-half", *([group] if group else pair)) < 0.5) == (half == 1)
+            for group, *pair in zip(*columns)]
     return batch.filter(pa.array(keep, type=pa.bool_()))
 
 
@@ -189,7 +197,7 @@ def pair_table(cfg: Config) -> Path:
     from .packing import built_once, records_fingerprint, tokenizer_fingerprint
     shape = {"seed": cfg.data.seed, "kg_en_fraction": cfg.data.kg_en_fraction, "kg_max_objects": cfg.data.kg_max_objects,
              "kg_pair_fraction": KG_PAIR_FRACTION, "exam_pair_fraction": EXAM_PAIR_FRACTION,
-             "test_fraction": CONSTRUCTED_TEST_FRACTION, "records": records_fingerprint(cfg),
+             "test_fraction": CONSTRUCTED_TEST_FRACTION, "columns": PAIR_SCHEMA.names, "records": records_fingerprint(cfg),
              "tokenizer": tokenizer_fingerprint(cfg), "max_len": cfg.seq.max_len}
 
     def build(partial: Path) -> dict:
@@ -250,19 +258,23 @@ def padded(pairs: pa.Table, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
         ids[np.arange(max_len) < pc.list_value_length(rows).to_numpy()[:, None]] = rows.flatten().to_numpy()
         out[f"{side}_ids"] = ids
         out[f"{side}_reply_len"] = pairs.column(f"{side}_reply_len").to_numpy().astype(np.int64)
+    out["weight"] = pairs.column("weight").to_numpy().astype(np.float32)
     out["source"] = np.array(pairs.column("source").to_pylist(), dtype=object)
     return out
 
 
 def training_pairs(pairs: pa.Table, train_cfg: TrainConfig) -> pa.Table:
     """The training pairs a stage trains on: its half (pair_half) and each source's share (pair_fractions), both
-    by a hash of the pair."""
+    by a hash of the pair (of a ranked set's pairs: of their group, so that they stay together)."""
     from .packing import keep_sampled
     train = pairs.filter(pc.equal(pairs["split"], "train"))
     if train_cfg.pair_half:
         train = in_half(train, train_cfg.pair_half)
-    return keep_sampled(train, dict(train_cfg.pair_fractions), train_cfg.seed, group="source",
-                        keys=("prompt", "rejected"), salt="rm-share")
+    # The key hashed: the group, else prompt and rejected (hash_fraction joins its parts with \x1f).
+    key = [g or f"{p}\x1f{r}" for g, p, r in zip(*(train.column(c).to_pylist() for c in ("group", "prompt", "rejected")))]
+    sampled = keep_sampled(train.append_column("key", pa.array(key, pa.string())), dict(train_cfg.pair_fractions),
+                           train_cfg.seed, group="source", keys=("key",), salt="rm-share")
+    return sampled.drop_columns(["key"])
 
 
 def length_groups(batch: pa.Table, micro_batch: int, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
@@ -300,10 +312,12 @@ class RewardTask(Task):
         return apply_lora(model, train_cfg.lora, task_type="SEQ_CLS")
 
     def loss(self, model, batch):
-        n = len(batch["chosen_ids"])
+        """-log sigmoid(r_chosen - r_rejected), a weighted mean over the pairs: a lone pair weighs 1, each of the
+        C(K,2) pairs of a ranked set of K responses 1/C(K,2), so that every prompt counts once (InstructGPT)."""
+        n, weight = len(batch["chosen_ids"]), batch["weight"]
         r = scores(model, torch.cat([batch["chosen_ids"], batch["rejected_ids"]]), self.pad_id)
         margin = r[:n] - r[n:]
-        loss = -torch.nn.functional.logsigmoid(margin).mean()
+        loss = -(weight * torch.nn.functional.logsigmoid(margin)).sum() / weight.sum()
         tokens = int((batch["chosen_ids"] != self.pad_id).sum() + (batch["rejected_ids"] != self.pad_id).sum())
         return loss, {"accuracy": float((margin > 0).float().mean())}, tokens
 
@@ -421,7 +435,7 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     sample = np.random.default_rng(train_cfg.seed).permutation(len(held_out["source"]))[:train_cfg.eval_rows]
     eval_rows = {k: v[sample] for k, v in held_out.items() if k != "source"}
     # Shuffled (the sources come in blocks), then grouped by length.
-    tokenized = train.select(["chosen_ids", "rejected_ids", "chosen_reply_len", "rejected_reply_len", "source"])
+    tokenized = train.select(["chosen_ids", "rejected_ids", "chosen_reply_len", "rejected_reply_len", "weight", "source"])
     stream = ray.data.from_arrow(tokenized).random_shuffle(seed=train_cfg.seed).map_batches(
         length_groups, batch_size=train_cfg.micro_batch * 32, batch_format="pyarrow",
         fn_kwargs={"micro_batch": train_cfg.micro_batch, "pad_id": pad_id, "max_len": cfg.seq.max_len})

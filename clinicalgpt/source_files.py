@@ -17,12 +17,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
+
+from .deidentify import deidentify, deidentify_value
 
 CHUNK_BYTES = 1 << 20
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
@@ -73,11 +76,13 @@ def _json(row: dict) -> str:
 
 class SourceRowsDatasource(FileBasedDatasource):
     """Rows: path, line (the line of a JSON Lines or CSV file, else the row, 1-based), text (the row as JSON;
-    the decodable part of an undecodable line), problem (why the row cannot be read, a skip reason; "" if none)."""
+    the decodable part of an undecodable line), problem (why the row cannot be read, a skip reason; "" if none),
+    redacted (with `deidentify`: the details replaced in the text, {kind: count} as JSON; "" if none). De-identified
+    here, in the read task, so that no block with the details reaches the object store or its spill files."""
 
-    def __init__(self, paths: list[str], block_rows: int = 4000, **kwargs):
+    def __init__(self, paths: list[str], deidentify: bool = False, block_rows: int = 4000, **kwargs):
         super().__init__(paths, **kwargs)
-        self.block_rows = block_rows
+        self.deidentify, self.block_rows = deidentify, block_rows
 
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
         if path.endswith(".parquet"):  # Parquet needs random access
@@ -85,12 +90,16 @@ class SourceRowsDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        rows: dict[str, list] = {"path": [], "line": [], "text": [], "problem": []}
+        rows: dict[str, list] = {"path": [], "line": [], "text": [], "problem": [], "redacted": []}
         for line, text, problem in self._rows(f, path):
+            counts: Counter = Counter()
+            if self.deidentify:
+                text, counts = _deidentified(text)
             rows["path"].append(path)
             rows["line"].append(line)
             rows["text"].append(text)
             rows["problem"].append(problem)
+            rows["redacted"].append(json.dumps(dict(counts)) if counts else "")
             if len(rows["line"]) >= self.block_rows:
                 yield pa.table(rows)
                 rows = {k: [] for k in rows}
@@ -107,6 +116,16 @@ class SourceRowsDatasource(FileBasedDatasource):
             yield from _csv_rows(f)
         else:
             yield from _json_rows(f)
+
+
+def _deidentified(text: str) -> tuple[str, Counter]:
+    """A row's text with every string in it de-identified (the text as it is where it is not JSON)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return deidentify(text)
+    counts: Counter = Counter()
+    return _json(deidentify_value(value, counts)), counts
 
 
 def _table_rows(batches) -> Iterator[tuple[int, str, str]]:

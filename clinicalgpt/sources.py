@@ -311,6 +311,45 @@ def preference(obj: dict, source: str, split: str, cfg: DataConfig, task: str = 
                         [prompt[-1], {"role": "assistant", "content": chosen}], rejected=rejected, meta=meta)]
 
 
+def ranked(obj: dict, source: str, split: str, cfg: DataConfig, task: str = "preference",
+           fields: dict | None = None) -> list[dict]:
+    """Ranked responses (the paper's reward-model data: rankings of K answers): `prompt`, a string or one user
+    message; `responses`, K strings best first, or in any order with `scores` (higher is better; equal scores make
+    no pair). Every pair of differently ranked responses is a preference record; a prompt's pairs share its split
+    and, as `group` in meta, its reward-model half, sampling and weight (each prompt counts once: InstructGPT)."""
+    name = {k: (fields or {}).get(k, k) for k in ("prompt", "responses", "scores")}
+    prompt = obj.get(name["prompt"])
+    if isinstance(prompt, list):
+        messages = turn_messages(prompt, "role", "content", CHAT_ROLES)
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            raise Skip("multi_turn_prompt")
+        prompt = messages[0]["content"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise Skip(f"missing_field:{name['prompt']}" if not prompt else f"bad_type:{name['prompt']}")
+    responses = obj.get(name["responses"])
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        raise Skip(f"missing_field:{name['responses']}" if responses is None else f"bad_type:{name['responses']}")
+    responses = [_strip_leaks(r.strip()) for r in responses]
+    if not all(responses):
+        raise Skip("empty_text")
+    scores = obj.get(name["scores"])
+    if scores is None:
+        scores = [-rank for rank in range(len(responses))]
+    elif not isinstance(scores, list) or len(scores) != len(responses) or \
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise Skip(f"bad_type:{name['scores']}")
+    pairs = [(i, j) for i in range(len(responses)) for j in range(len(responses))
+             if scores[i] > scores[j] and responses[i] != responses[j]]
+    if not pairs:
+        raise Skip("no_ranked_pair")
+    item_id = _id(obj, source, prompt.strip(), *responses)
+    split = _format_split(split, obj, source, item_id, cfg)
+    meta = {"subset": "", "weak_label": False, "group": item_id, "group_pairs": len(pairs)}
+    return [make_record(f"{item_id}-{i}-{j}", "preference", source, split,
+                        [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": responses[i]}],
+                        rejected=responses[j], meta=meta) for i, j in pairs]
+
+
 # --- the ecosystem's formats: a user's own data -------------------------------------------------------
 
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -414,6 +453,7 @@ FORMATS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "exam": (exam, ("exam",)),
     "diagnosis": (diagnosis, ("diagnosis",)),
     "preference": (preference, ("preference",)),
+    "ranked": (ranked, ("preference",)),
 }
 
 # The bundled corpora that no format reads as they are.

@@ -110,8 +110,8 @@ def test_a_users_chats_in_each_format_become_records_and_what_does_not_fit_is_co
 
 
 def test_a_users_files_of_every_type_in_every_format_become_records(ray_session, tmp_path):
-    """A CSV exam bank, Parquet diagnosis notes, a JSON array of conversational preference pairs, a `datasets`
-    DatasetDict of chats and a folder of plain documents: records of the right task and split, and every row that
+    """A CSV exam bank, Parquet diagnosis notes, a JSON array of conversational preference pairs, ranked responses,
+    a `datasets` DatasetDict of chats and a folder of plain documents: records of the right task and split, and every row that
     does not fit counted by reason with its file and line."""
     import datasets
     import pyarrow as pa
@@ -138,6 +138,8 @@ def test_a_users_files_of_every_type_in_every_format_become_records(ray_session,
                           {"role": "assistant", "content": f"胃痛{i}天，建议查胃镜。"}]} for i in range(3)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(chat[:2]),
                           "test": datasets.Dataset.from_list(chat[2:])}).save_to_disk(str(root / "mine" / "chats"))
+    (root / "mine" / "ranked.jsonl").write_text(json.dumps(
+        {"prompt": "头痛三天怎么办？", "responses": ["查头颅CT", "休息观察", "多喝热水"]}, ensure_ascii=False) + "\n")
     book = "\n".join(f"第{i}段：高血压患者应限制钠盐摄入，规律服药，定期监测血压。" for i in range(12))
     (root / "mine" / "books" / "train.jsonl").write_text(json.dumps({"text": book}, ensure_ascii=False) + "\n")
     config = tmp_path / "mine.yaml"
@@ -147,13 +149,14 @@ def test_a_users_files_of_every_type_in_every_format_become_records(ray_session,
     - {path: mine/exams.csv, kind: exam, split: test, fields: {question: 题目, answer: 答案, category: 科目}}
     - {path: mine/notes.parquet, kind: diagnosis, fields: {record: "主诉,现病史", diagnosis: 诊断}}
     - {path: mine/prefs.json, kind: preference, split: train}
+    - {path: mine/ranked.jsonl, kind: ranked, split: train}
     - {path: mine/chats, kind: chat, task: community_qa}
     - {path: mine/books, kind: text}
 """)
     cfg = load_config([f"config={config}", f"data.root={root}", f"run_root={tmp_path / 'runs'}"])
     manifest = build_records(cfg)
     assert manifest["records"] == {
-        "train": {"diagnosis": {"mine/notes": 1}, "preference": {"mine/prefs": 2}, "community_qa": {"mine/chats": 2},
+        "train": {"diagnosis": {"mine/notes": 1}, "preference": {"mine/prefs": 2, "mine/ranked": 3}, "community_qa": {"mine/chats": 2},
                   "text": {"mine/books": 2}},
         "test": {"exam": {"mine/exams": 2}, "diagnosis": {"mine/notes": 1}, "community_qa": {"mine/chats": 1}}}
     assert manifest["skipped"] == {"mine/exams": {"malformed_csv": 1, "answer_not_in_options": 1, "bad_encoding": 1},
@@ -171,7 +174,8 @@ def test_a_users_files_of_every_type_in_every_format_become_records(ray_session,
     (note,) = read("train", "diagnosis")
     assert note["messages"][0]["content"].startswith("主诉：发热三天\n现病史：伴咽痛\n")
     assert note["messages"][1]["content"] == "诊断：急性扁桃体炎"
-    prefs = {r["messages"][0]["content"]: (r["messages"][1]["content"], r["rejected"]) for r in read("train", "preference")}
+    prefs = {r["messages"][0]["content"]: (r["messages"][1]["content"], r["rejected"]) for r in read("train", "preference")
+             if r["source"] == "mine/prefs"}
     assert prefs == {"孕妇能用布洛芬吗？": ("孕晚期禁用，请遵医嘱。", "可以随便用。"), "感冒要吃抗生素吗？": ("病毒性感冒不需要。", "要吃。")}
     pieces = [r["messages"][0]["content"] for r in read("train", "text")]
     assert all(len(p) <= 200 for p in pieces) and "\n".join(sorted(pieces, key=lambda p: int(p[1:p.index("段")]))) == book
@@ -185,3 +189,30 @@ def test_a_source_where_nothing_fits_fails_with_its_file_line_and_reason(ray_ses
     cfg.data.sources = [SourceSpec("mine/qa.jsonl", "chat", task="dialogue")]
     with pytest.raises(SourceError, match=r"mine/qa .*mine/qa.jsonl line 2, is skipped as missing_field:messages"):
         build_records(cfg)
+
+
+def test_deidentified_sources_hold_no_detail_in_records_skips_or_the_blocks_read(ray_session, tmp_path):
+    """data.deidentify: a hospital's rows with ID and phone numbers, names and addresses; every record and skipped
+    row holds placeholders instead, as does every block the read task hands to the object store (so its spill files
+    too); the manifest counts the details per kind."""
+    import ray.data
+
+    from clinicalgpt.source_files import SourceRowsDatasource
+    root = tmp_path / "corpora"
+    (root / "ward").mkdir(parents=True)
+    details = ["110105199003071237", "13812345678", "张三丰", "北京市海淀区中关村大街27号", "ZY20230012"]
+    rows = [{"instruction": f"患者张三丰，身份证号110105199003071237，电话13812345678，咳嗽{i}天",
+             "output": "建议查胸片。"} for i in range(3)]
+    rows.append({"instruction": "住院号：ZY20230012，家住北京市海淀区中关村大街27号"})  # no output: skipped
+    (root / "ward" / "notes.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    cfg = load_config([f"data.root={root}", f"run_root={tmp_path / 'runs'}", "data.deidentify=true"])
+    cfg.data.sources = [SourceSpec("ward/notes.jsonl", "alpaca", "train", task="community_qa")]
+    manifest = build_records(cfg)
+    assert manifest["deidentified"] == {"address": 1, "id_number": 3, "name": 3, "phone": 3, "record_number": 1}
+    records = [r for f in sorted((cfg.data_dir / "records").rglob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    written = json.dumps(records, ensure_ascii=False) + (cfg.data_dir / "skipped.jsonl").read_text()
+    assert len(records) == 3 and "[身份证号]" in written and "[地址]" in written  # the skipped row's placeholders
+    read = ray.data.read_datasource(SourceRowsDatasource([str(root / "ward" / "notes.jsonl")], deidentify=True))
+    blocks = json.dumps(read.take_all(), ensure_ascii=False)
+    for detail in details:
+        assert detail not in written and detail not in blocks, detail

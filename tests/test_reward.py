@@ -36,6 +36,7 @@ def test_score_is_taken_at_the_last_real_token_and_the_loss_is_the_pairwise_log_
     width = 8  # right-padded, as reward_model.padded makes them
     batch = {k: torch.tensor([ids + [pad] * (width - len(ids))]) for k, ids in
              (("chosen_ids", chosen), ("rejected_ids", rejected))}
+    batch["weight"] = torch.tensor([1.0])
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in (chosen, rejected)]
         padded = reward_model.scores(model, torch.cat([batch["chosen_ids"], batch["rejected_ids"]]), pad).tolist()
@@ -135,12 +136,17 @@ def test_a_sources_training_share_keeps_that_share_of_its_pairs_by_a_stable_hash
 
 
 def test_the_judge_trains_on_the_other_half_of_the_pairs_with_the_next_seed():
-    pairs = pa.Table.from_pylist([{"prompt": f"问题{i}", "chosen": f"回答{i}", "rejected": f"错误回答{i}"}
+    pairs = pa.Table.from_pylist([{"prompt": f"问题{i}", "chosen": f"回答{i}", "rejected": f"错误回答{i}", "group": ""}
                                   for i in range(2000)])
     first, second = (reward_model.in_half(pairs, h).to_pylist() for h in (1, 2))
     assert 900 < len(first) < 1100 and len(first) + len(second) == 2000  # binomial sd 22
     assert not {p["prompt"] for p in first} & {p["prompt"] for p in second}  # disjoint: every pair in one half
     assert reward_model.in_half(pairs, 1).to_pylist() == first  # the same halves each run, whatever the seed
+    # A ranked set's pairs (one group) go to one half together.
+    ranked = pa.Table.from_pylist([{"prompt": f"问题{i // 6}", "chosen": f"回答{i}", "rejected": f"错误回答{i}",
+                                    "group": f"set{i // 6}"} for i in range(600)])
+    halves = [{p["group"] for p in reward_model.in_half(ranked, h).to_pylist()} for h in (1, 2)]
+    assert not halves[0] & halves[1] and len(halves[0]) + len(halves[1]) == 100
 
     cfg = load_config([])
     rm, judge = reward_model.stage_config(cfg, "rm"), reward_model.stage_config(cfg, "judge")
@@ -174,7 +180,7 @@ def test_length_groups_pad_and_make_micro_batches_of_one_length_and_keep_every_p
     lengths = rng.permutation([5] * 16 + [200] * 16)  # KG-sized and preference-sized pairs, mixed
     ids = [[i + 1] * n for i, n in enumerate(lengths)]  # the row's identity, unpadded as TokenizePairs writes them
     batch = pa.table({"chosen_ids": ids, "rejected_ids": ids, "chosen_reply_len": [2] * 32, "rejected_reply_len": [3] * 32,
-                      "source": [str(i) for i in range(32)]})
+                      "weight": pa.array([1.0] * 32, pa.float32()), "source": [str(i) for i in range(32)]})
     grouped = reward_model.length_groups(batch, micro_batch=8, pad_id=0, max_len=256)
     assert grouped["chosen_ids"].shape == (32, 256) and grouped["chosen_ids"].dtype == np.int64  # right-padded
     assert sorted(grouped["chosen_ids"][:, 0]) == list(range(1, 33))  # every pair, once
@@ -211,3 +217,19 @@ def test_pairwise_accuracy_counts_wins_per_source_with_ties_half_for_the_baselin
     assert accuracy["per_source"]["b"] == {"accuracy": 0.0, "length_baseline": 0.5, "base_likelihood": 0.5, "pairs": 1}
     # Length bias over (score, reply length): the longer reply scores higher in a (5 > 3), lower in c (1 < 5).
     assert accuracy["prefers_longer"] == 0.5
+
+
+def test_the_pair_loss_weights_a_ranked_set_to_count_as_one_pair():
+    """-sum(w log sigmoid(r_chosen - r_rejected)) / sum(w); a toy head scores a sequence by its first token id."""
+    from types import SimpleNamespace
+
+    class FirstToken(torch.nn.Module):
+        def forward(self, input_ids, use_cache):
+            return SimpleNamespace(logits=input_ids[:, :1].float())
+
+    batch = {"chosen_ids": torch.tensor([[3, 1], [2, 1], [4, 1]]), "rejected_ids": torch.tensor([[1, 1], [2, 1], [1, 1]]),
+             "weight": torch.tensor([0.5, 0.5, 1.0])}  # margins 2, 0, 3: a ranked set's two pairs, then a lone pair
+    loss, metrics, tokens = reward_model.RewardTask("unused", pad_id=0).loss(FirstToken(), batch)
+    # (0.5 x 0.126928 + 0.5 x 0.693147 + 1 x 0.048587) / 2, with -log sigmoid(2), (0), (3) by hand
+    assert loss.item() == pytest.approx(0.229312, abs=1e-6)
+    assert metrics == {"accuracy": pytest.approx(2 / 3)} and tokens == 12

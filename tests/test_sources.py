@@ -161,6 +161,31 @@ def test_preference_strips_model_tags_and_rejects_bad_pairs():
     assert skip_reason("community_qa", {"question": "q"}) == "missing_field:answer"
 
 
+def test_ranked_responses_make_every_pair_of_a_prompt_weighted_to_count_once():
+    def pairs(obj):
+        records = build("ranked", {"prompt": "头痛三天怎么办？", **obj}, "train")
+        assert len({json.dumps(json.loads(r["meta"]), sort_keys=True) for r in records}) == 1  # one group
+        assert json.loads(records[0]["meta"])["group_pairs"] == len(records)
+        return [(r["messages"][1]["content"], r["rejected"]) for r in records]
+    assert pairs({"responses": ["查头颅CT", "休息观察", "多喝热水"]}) == [  # best first: C(3,2) pairs
+        ("查头颅CT", "休息观察"), ("查头颅CT", "多喝热水"), ("休息观察", "多喝热水")]
+    assert pairs({"responses": ["多喝热水", "查头颅CT", "休息观察"], "scores": [1, 3, 2.5]}) == [
+        ("查头颅CT", "多喝热水"), ("查头颅CT", "休息观察"), ("休息观察", "多喝热水")]
+    assert pairs({"responses": ["查头颅CT", "休息观察", "多喝热水"], "scores": [2, 2, 1]}) == [  # a tie: no pair
+        ("查头颅CT", "多喝热水"), ("休息观察", "多喝热水")]
+    (rec,) = build("ranked", {"question": [{"role": "user", "content": "发热"}], "answers": ["退热", "不管"]},
+                   "test", fields={"prompt": "question", "responses": "answers"})
+    assert rec["split"] == "test" and rec["messages"][0]["content"] == "发热"
+    assert skip_reason("ranked", {"prompt": "q", "responses": ["a", "b"], "scores": [1, 1]}) == "no_ranked_pair"
+    assert skip_reason("ranked", {"prompt": "q", "responses": ["a", "b"], "scores": [1]}) == "bad_type:scores"
+    assert skip_reason("ranked", {"prompt": "q", "responses": ["a"]}) == "bad_type:responses"
+    assert skip_reason("ranked", {"prompt": "q", "responses": ["a", " "]}) == "empty_text"
+    assert skip_reason("ranked", {"responses": ["a", "b"]}) == "missing_field:prompt"
+    assert skip_reason("ranked", {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                             {"role": "user", "content": "q2"}], "responses": ["a", "b"]}) == \
+        "multi_turn_prompt"
+
+
 # --- keys ---------------------------------------------------------------------------------------
 
 def test_keys_ignore_punctuation_case_and_width():
