@@ -101,13 +101,14 @@ class ModelConfig:
     tokenizer_train_chars: int = 3_000_000
     # Used only when the tokenizer has no chat template of its own (BLOOM has none).
     chat_template: str = ""
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32, bfloat16, float16; auto: the model's own (its config.json)
 
 
 @dataclass
 class SequenceConfig:
     max_len: int = 512  # packed sequence length; longer samples are skipped (counted)
-    pack: bool = True
+    # Several samples to a row; null: where the architecture takes per-sample positions (not BLOOM's ALiBi).
+    pack: bool | None = True
 
 
 @dataclass
@@ -414,7 +415,33 @@ def load_config(argv: list[str] | None = None) -> Config:
         merged = OmegaConf.merge(*layers)
     except Exception as e:  # omegaconf names the offending key; keep the message, drop the trace
         raise SystemExit(f"bad config: {e}") from None
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    if cfg.model.dtype == "auto" or cfg.seq.pack is None:
+        _settle_from_the_model(cfg)
+    return cfg
+
+
+def _settle_from_the_model(cfg: Config) -> None:
+    """The settings a preset leaves to the model (model.dtype auto, seq.pack null), from its config: its dtype, and
+    packing where its architecture's forward takes position_ids (restarting positions keep packed samples apart;
+    BLOOM's ALiBi has none)."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if cfg.model.build_from_config:
+        model_type, dtype = cfg.model.arch, "float32"
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(cfg.model.path)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"model.path {cfg.model.path!r}: no model config to take dtype and packing from ({e})")
+        model_type, dtype = config.model_type, str(config.dtype or "float32").removeprefix("torch.")
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    if cfg.seq.pack is None:
+        model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+        cfg.seq.pack = model_class is not None and "position_ids" in inspect.signature(model_class.forward).parameters
 
 
 def to_yaml(cfg: Config) -> str:

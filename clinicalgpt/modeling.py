@@ -90,8 +90,9 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CAU
     if not lora.enabled:
         return model
     from peft import LoraConfig, get_peft_model
+    targets = "all-linear" if list(lora.targets) == ["all-linear"] else list(lora.targets)  # peft's: every linear layer
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=list(lora.targets), task_type=task_type))
+                                            target_modules=targets, task_type=task_type))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

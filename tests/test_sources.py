@@ -237,6 +237,33 @@ def test_each_presets_lora_targets_exist_in_its_architecture(preset, arch):
         assert adapted == set(lora.targets), adapted
 
 
+@pytest.mark.parametrize("arch, dtype, packs, adapted", [
+    ("bloom", "bfloat16", False, {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    ("llama", "float16", True, {f"{p}_proj" for p in ("q", "k", "v", "o", "gate", "up", "down")})])
+def test_a_models_own_folder_gives_the_hf_preset_its_dtype_packing_and_lora_layers(tmp_path, arch, dtype, packs,
+                                                                                   adapted):
+    """preset=hf model.path=<a Hugging Face causal LM>: the model's dtype, packing only where its forward takes
+    per-sample positions (BLOOM's ALiBi: no), LoRA on all its linear layers but the output head."""
+    import torch
+
+    from clinicalgpt.config import ModelConfig
+    from clinicalgpt.modeling import apply_lora, build_model
+    from clinicalgpt.tokenizer import train_tokenizer
+    tok = train_tokenizer(["高血压患者可以吃党参吗？"] * 10, vocab_size=300)
+    model = build_model(ModelConfig(arch=arch, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=128), tok).to(getattr(torch, dtype))
+    model.save_pretrained(tmp_path / arch)
+    tok.save_pretrained(tmp_path / arch)
+    cfg = load_config(["preset=hf", f"model.path={tmp_path / arch}"])
+    assert (cfg.model.dtype, cfg.seq.pack) == (dtype, packs)
+    assert load_config(["preset=hf", f"model.path={tmp_path / arch}", "seq.pack=true"]).seq.pack  # a stated value stays
+    lora_model = apply_lora(build_model(ModelConfig(arch=arch, hidden_size=64, num_layers=2, num_heads=4,
+                                                    num_kv_heads=2, intermediate_size=128), tok), cfg.sft.lora)
+    assert {name.split(".")[-4] for name, _ in lora_model.named_parameters() if "lora_A" in name} == adapted
+    with pytest.raises(SystemExit, match="no model config"):
+        load_config(["preset=hf", f"model.path={tmp_path / 'absent'}"])
+
+
 # --- the ecosystem's formats (a user's own chats) ----------------------------------------------------
 
 def build_format(kind, obj, task="dialogue", split="train", fields=None):
