@@ -25,7 +25,8 @@ def test_a_bloom_model_from_its_folder_goes_through_sft_and_ppo_with_vllm(built,
     run_root = tmp_path / "runs"
     (run_root / "hf").mkdir(parents=True)
     (run_root / "hf" / "data").symlink_to(cfg.data_dir)  # the session's records; the streams are packed anew
-    argv = ["preset=hf", f"model.path={base}", f"run_root={run_root}", f"data.root={cfg.data_root}"]
+    # Rows of 128 tokens: without packing each sample fills a row of its own (longer ones are skipped, counted).
+    argv = ["preset=hf", f"model.path={base}", f"run_root={run_root}", f"data.root={cfg.data_root}", "seq.max_len=128"]
     run = load_config(argv)
     assert (run.seq.pack, run.model.dtype, run.sft.lora.targets) == (False, "float32", ["all-linear"])
 
