@@ -96,7 +96,8 @@ def format_exam_question(question: str, options: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def exam(obj: dict, source: str, split: str, cfg: DataConfig, task: str = "exam", fields: dict | None = None) -> list[dict]:
+def exam(obj: dict, source: str, split: str, cfg: DataConfig, task: str = "exam",
+         fields: dict | None = None) -> list[dict]:
     """Exam questions: `question`; `options`, a dict of letters, a list (lettered A, B ...) or absent with one field
     per letter (a CSV's columns A, B ...); `answer`, a letter or letters; optional `explanation`, `category`."""
     name = {k: (fields or {}).get(k, k) for k in ("question", "options", "answer", "explanation", "category")}

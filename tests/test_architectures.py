@@ -23,8 +23,9 @@ def test_a_bloom_model_from_its_folder_goes_through_sft_and_ppo_with_vllm(built,
     build_model(ModelConfig(arch="bloom"), tok).save_pretrained(base)
     tok.save_pretrained(base)
     run_root = tmp_path / "runs"
-    (run_root / "hf").mkdir(parents=True)
-    (run_root / "hf" / "data").symlink_to(cfg.data_dir)  # the session's records; the streams are packed anew
+    # The session's records; its own packed streams (one sample a row), beside them and not over the session's.
+    (run_root / "hf" / "data").mkdir(parents=True)
+    (run_root / "hf" / "data" / "records").symlink_to(cfg.data_dir / "records")
     # Rows of 128 tokens: without packing each sample fills a row of its own (longer ones are skipped, counted).
     argv = ["preset=hf", f"model.path={base}", f"run_root={run_root}", f"data.root={cfg.data_root}", "seq.max_len=128"]
     run = load_config(argv)
