@@ -70,8 +70,9 @@ def _birth_date(yyyymmdd: str) -> bool:
         and 1 <= int(yyyymmdd[6:8]) <= 31
 
 
-def _spans(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, kind) of every detail found in `text` (already half-width), overlaps included."""
+def detail_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of every detail found in `text`, overlaps included."""
+    text = text.translate(_HALF_WIDTH)
     found = []
 
     def add(pattern, kind, group=0, keep=lambda s: True):
@@ -96,7 +97,7 @@ def _spans(text: str) -> list[tuple[int, int, str]]:
 def deidentify(text: str) -> tuple[str, Counter]:
     """`text` with each detail replaced by its kind's placeholder, and the count per kind. Where details overlap,
     the first and longest wins."""
-    spans = sorted(_spans(text.translate(_HALF_WIDTH)), key=lambda s: (s[0], -(s[1] - s[0])))
+    spans = sorted(detail_spans(text), key=lambda s: (s[0], -(s[1] - s[0])))
     out, counts, at = [], Counter(), 0
     for start, end, kind in spans:
         if start < at:

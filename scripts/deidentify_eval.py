@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clinicalgpt.config import load_config  # noqa: E402
-from clinicalgpt.deidentify import _HALF_WIDTH, _spans  # noqa: E402
+from clinicalgpt.deidentify import detail_spans  # noqa: E402
 
 TEXT_FILES = ["ehr_diagnosis/cmb_clin.jsonl", "ehr_diagnosis/covid_dialogue_impressions.jsonl",
               "ehr_diagnosis/dxy_train.jsonl", "dialogue/cmdd_train.jsonl", "dialogue/covid_dialogue_zh_train.jsonl"]
@@ -168,7 +168,7 @@ def measure(texts: list[str], per_variant: int, seed: int = 0) -> dict:
                 planted, at = plant(rng.choice(texts), snippet, rng)
                 start = at + snippet.index(detail)
                 end = start + len(detail)
-                spans = _spans(planted.translate(_HALF_WIDTH))
+                spans = detail_spans(planted)
                 covered = {i for s, e, _ in spans for i in range(s, e)}
                 hit = all(i in covered for i in range(start, end) if planted[i] not in " -")
                 caught += hit
@@ -192,8 +192,7 @@ def unplanted(texts: list[str]) -> list[dict]:
     """Every replacement in the real texts as they are: a false positive or a real detail of the corpus."""
     found = []
     for text in texts:
-        half = text.translate(_HALF_WIDTH)
-        for s, e, k in _spans(half):
+        for s, e, k in detail_spans(text):
             found.append({"kind": k, "text": text[s:e], "context": text[max(0, s - 10):e + 6].replace("\n", " ")})
     return found
 
