@@ -79,56 +79,66 @@ def address(rng: random.Random) -> str:
     return f"{city}{district}{road}{rng.randrange(1, 999)}号" + rng.choice(["", f"{rng.randrange(1, 30)}栋{rng.randrange(1, 6)}单元"])
 
 
-# kind -> variant -> rng -> (snippet to plant, the detail in it)
+def grouped(digits: str, cuts: tuple[int, ...], sep: str) -> str:
+    """The digits with `sep` at each cut: grouped("13812345678", (3, 7), "-") == "138-1234-5678"."""
+    bounds = (0, *cuts, len(digits))
+    return sep.join(digits[a:b] for a, b in zip(bounds, bounds[1:]))
+
+
+def ymd(d: datetime.date) -> str:
+    return f"{d.year}年{d.month}月{d.day}日"
+
+
+# kind -> variant -> (the snippet to plant, {} where the detail goes; rng -> the detail)
 VARIANTS: dict[str, dict] = {
     "id_number": {
-        "18 digits": lambda r: (lambda v: (f"身份证号{v}", v))(id18(r)),
-        "no marker": lambda r: (lambda v: (f"证件{v}已登记", v))(id18(r)),
-        "full-width": lambda r: (lambda v: (f"身份证：{v}", v))(full_width(id18(r))),
-        "spaces inside": lambda r: (lambda v: (f"身份证号 {v}", v))((lambda s: f"{s[:6]} {s[6:14]} {s[14:]}")(id18(r))),
-        "dashes inside": lambda r: (lambda v: (f"身份证号{v}", v))((lambda s: f"{s[:6]}-{s[6:14]}-{s[14:]}")(id18(r))),
-        "15 digits (old)": lambda r: (lambda v: (f"身份证号{v}", v))((lambda s: s[:6] + s[8:14] + s[14:17])(id18(r))),
-        "bad checksum": lambda r: (lambda v: (f"身份证号{v}", v))(id18(r, bad_checksum=True)),
+        "18 digits": ("身份证号{}", id18),
+        "no marker": ("证件{}已登记", id18),
+        "full-width": ("身份证：{}", lambda r: full_width(id18(r))),
+        "spaces inside": ("身份证号 {}", lambda r: grouped(id18(r), (6, 14), " ")),
+        "dashes inside": ("身份证号{}", lambda r: grouped(id18(r), (6, 14), "-")),
+        "15 digits (old)": ("身份证号{}", lambda r: (lambda s: s[:6] + s[8:17])(id18(r))),
+        "bad checksum": ("身份证号{}", lambda r: id18(r, bad_checksum=True)),
     },
     "phone": {
-        "mobile": lambda r: (lambda v: (f"电话{v}", v))(mobile(r)),
-        "+86": lambda r: (lambda v: (f"联系方式{v}", v))("+86 " + mobile(r)),
-        "dashes 3-4-4": lambda r: (lambda v: (f"手机{v}", v))((lambda s: f"{s[:3]}-{s[3:7]}-{s[7:]}")(mobile(r))),
-        "spaces 3-4-4": lambda r: (lambda v: (f"手机 {v}", v))((lambda s: f"{s[:3]} {s[3:7]} {s[7:]}")(mobile(r))),
-        "full-width": lambda r: (lambda v: (f"电话：{v}", v))(full_width(mobile(r))),
-        "landline": lambda r: (lambda v: (f"座机{v}", v))(f"0{r.randrange(10, 999)}-{r.randrange(2, 9)}{r.randrange(10**6, 10**7)}"),
-        "landline (area)": lambda r: (lambda v: (f"电话{v}", v))(f"(0{r.randrange(10, 99)}){r.randrange(2, 9)}{r.randrange(10**6, 10**7)}"),
+        "mobile": ("电话{}", mobile),
+        "+86": ("联系方式{}", lambda r: "+86 " + mobile(r)),
+        "dashes 3-4-4": ("手机{}", lambda r: grouped(mobile(r), (3, 7), "-")),
+        "spaces 3-4-4": ("手机 {}", lambda r: grouped(mobile(r), (3, 7), " ")),
+        "full-width": ("电话：{}", lambda r: full_width(mobile(r))),
+        "landline": ("座机{}", lambda r: f"0{r.randrange(10, 999)}-{r.randrange(2, 9)}{r.randrange(10**6, 10**7)}"),
+        "landline (area)": ("电话{}", lambda r: f"(0{r.randrange(10, 99)}){r.randrange(2, 9)}{r.randrange(10**6, 10**7)}"),
     },
     "email": {
-        "plain": lambda r: (lambda v: (f"邮箱{v}", v))(f"patient{r.randrange(10**5)}@163.com"),
-        "dotted": lambda r: (lambda v: (f"请发至 {v} 谢谢", v))(f"zhang.san+{r.randrange(99)}@hospital.org.cn"),
+        "plain": ("邮箱{}", lambda r: f"patient{r.randrange(10**5)}@163.com"),
+        "dotted": ("请发至 {} 谢谢", lambda r: f"zhang.san+{r.randrange(99)}@hospital.org.cn"),
     },
     "record_number": {
-        "病案号 digits": lambda r: (lambda v: (f"病案号：{v}", v))(str(r.randrange(10**5, 10**8))),
-        "住院号 letters": lambda r: (lambda v: (f"住院号 {v}", v))(f"ZY{r.randrange(10**7, 10**8)}"),
-        "门诊号 full-width": lambda r: (lambda v: (f"门诊号{v}", v))(full_width(str(r.randrange(10**6, 10**9)))),
-        "就诊卡号 dash": lambda r: (lambda v: (f"就诊卡号:{v}", v))(f"A-{r.randrange(10**5, 10**6)}"),
+        "病案号 digits": ("病案号：{}", lambda r: str(r.randrange(10**5, 10**8))),
+        "住院号 letters": ("住院号 {}", lambda r: f"ZY{r.randrange(10**7, 10**8)}"),
+        "门诊号 full-width": ("门诊号{}", lambda r: full_width(str(r.randrange(10**6, 10**9)))),
+        "就诊卡号 dash": ("就诊卡号:{}", lambda r: f"A-{r.randrange(10**5, 10**6)}"),
     },
     "name": {
-        "姓名：": lambda r: (lambda v: (f"姓名：{v}", v))(name(r)),
-        "患者 (marker)": lambda r: (lambda v: (f"患者{v}，", v))(name(r)),
-        "患儿 (marker)": lambda r: (lambda v: (f"患儿{v}，", v))(name(r)),
-        "X某 (no marker)": lambda r: (lambda v: (f"{v}昨日来诊", v))(r.choice(COMMON_SURNAMES) + r.choice(["某", "某某"])),
-        "X先生/女士 (no marker)": lambda r: (lambda v: (f"{v}您好", v))(r.choice(COMMON_SURNAMES) + r.choice(["先生", "女士"])),
-        "rare surname, 姓名：": lambda r: (lambda v: (f"姓名：{v}", v))(r.choice(RARE_SURNAMES) + r.choice(GIVEN)),
-        "rare surname, 患者": lambda r: (lambda v: (f"患者{v}，", v))(r.choice(RARE_SURNAMES) + r.choice(GIVEN)),
+        "姓名：": ("姓名：{}", name),
+        "患者 (marker)": ("患者{}，", name),
+        "患儿 (marker)": ("患儿{}，", name),
+        "X某 (no marker)": ("{}昨日来诊", lambda r: r.choice(COMMON_SURNAMES) + r.choice(["某", "某某"])),
+        "X先生/女士 (no marker)": ("{}您好", lambda r: r.choice(COMMON_SURNAMES) + r.choice(["先生", "女士"])),
+        "rare surname, 姓名：": ("姓名：{}", lambda r: r.choice(RARE_SURNAMES) + r.choice(GIVEN)),
+        "rare surname, 患者": ("患者{}，", lambda r: r.choice(RARE_SURNAMES) + r.choice(GIVEN)),
     },
     "birth_date": {
-        "出生日期 年月日": lambda r: (lambda d: (f"出生日期：{d.year}年{d.month}月{d.day}日", f"{d.year}年{d.month}月{d.day}日"))(birth(r)),
-        "出生于 dashes": lambda r: (lambda v: (f"出生于{v}", v))(birth(r).isoformat()),
-        "生日 Chinese numerals": lambda r: (lambda v: (f"生日：{v}", v))(cn_date(birth(r))),
-        "出生年月 slashes": lambda r: (lambda v: (f"出生年月：{v}", v))(birth(r).strftime("%Y/%m/%d")),
-        "出生 8 digits": lambda r: (lambda v: (f"出生：{v}", v))(birth(r).strftime("%Y%m%d")),
+        "出生日期 年月日": ("出生日期：{}", lambda r: ymd(birth(r))),
+        "出生于 dashes": ("出生于{}", lambda r: birth(r).isoformat()),
+        "生日 Chinese numerals": ("生日：{}", lambda r: cn_date(birth(r))),
+        "出生年月 slashes": ("出生年月：{}", lambda r: birth(r).strftime("%Y/%m/%d")),
+        "出生 8 digits": ("出生：{}", lambda r: birth(r).strftime("%Y%m%d")),
     },
     "address": {
-        "住址：": lambda r: (lambda v: (f"住址：{v}", v))(address(r)),
-        "家住": lambda r: (lambda v: (f"家住{v}", v))(address(r)),
-        "现住址": lambda r: (lambda v: (f"现住址:{v}", v))(address(r)),
+        "住址：": ("住址：{}", address),
+        "家住": ("家住{}", address),
+        "现住址": ("现住址:{}", address),
     },
 }
 
@@ -161,12 +171,12 @@ def measure(texts: list[str], per_variant: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     rows, by_kind = [], defaultdict(Counter)
     for kind, variants in VARIANTS.items():
-        for variant, make in variants.items():
+        for variant, (template, make) in variants.items():
             caught = 0
             for _ in range(per_variant):
-                snippet, detail = make(rng)
-                planted, at = plant(rng.choice(texts), snippet, rng)
-                start = at + snippet.index(detail)
+                detail = make(rng)
+                planted, at = plant(rng.choice(texts), template.format(detail), rng)
+                start = at + template.index("{}")
                 end = start + len(detail)
                 spans = detail_spans(planted)
                 covered = {i for s, e, _ in spans for i in range(s, e)}
