@@ -19,7 +19,7 @@ from .config import Config
 from .corpus import build_records, read_records, record_files
 from .packing import IGNORE, packed_stream, stream_summary, tokenize_chats
 from .records import SPLITS
-from .reward_model import pair_table
+from .reward_model import has_pair_records, pair_table
 from .stages import STAGE_MODES, stage_streams
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -34,7 +34,7 @@ def build_data(cfg: Config) -> dict:
     streams = {name: spec for stage in STAGE_MODES for name, spec in stage_streams(cfg, stage).items()}
     manifest["streams"] = {name: stream_summary(packed_stream(cfg, name, spec)) for name, spec in streams.items()
                            if record_files(cfg, spec["splits"], spec["tasks"])}
-    has_pairs = record_files(cfg, ["train", "test"], ["preference"]) or record_files(cfg, ["train"], ["kg_qa", "exam"])
+    has_pairs = has_pair_records(cfg)
     manifest["pairs"] = stream_summary(pair_table(cfg)) if has_pairs else None
     for name in [*(n for n in streams if n not in manifest["streams"]), *([] if has_pairs else ["pairs"])]:
         print(f"[data] {name}: no records for it in data.sources, not built")

@@ -189,6 +189,12 @@ def pair_dataset(cfg: Config) -> ray.data.Dataset:
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def has_pair_records(cfg: Config) -> bool:
+    """Whether the data file has records pair_dataset makes pairs of (a file of evaluation sources alone may not)."""
+    from .corpus import record_files
+    return bool(record_files(cfg, ["train", "test"], ["preference"]) or record_files(cfg, ["train"], ["kg_qa", "exam"]))
+
+
 def pair_table(cfg: Config) -> Path:
     """pair_dataset's pairs, tokenized (TokenizePairs), as Parquet under data/pairs/: built once by the data job (the
     reward model and the judge read them) and rebuilt only when what shapes them changes: the records, the seed, the
