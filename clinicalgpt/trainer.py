@@ -153,10 +153,10 @@ def train_loop(config: dict) -> None:
         step, rows_seen = state["step"], state["rows_seen"]
         if not same_world:
             scheduler.step(step - 1)  # the schedule goes on from the restored step (as after `step` steps)
+        held_out = ""
+        if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
+            held_out = f", held-out loss {held_out_loss(engine, task, eval_batch, train_cfg.micro_batch, rank, world):.4f}"
         if rank == 0:
-            held_out = ""
-            if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
-                held_out = f", held-out loss {held_out_loss(engine, task, eval_batch, train_cfg.micro_batch):.4f}"
             note = "" if same_world else f" (saved by {state['world']}: weights restored, optimizer state reset)"
             print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}{held_out}", flush=True)
 
@@ -194,7 +194,7 @@ def train_loop(config: dict) -> None:
                       "tokens_per_s": sum(t for t, _ in recent) / max(sum(s for _, s in recent), 1e-9)}
             window, tokens = [], 0
             if eval_batch is not None and (step % train_cfg.eval_every == 0 or step == total_steps or step == 1):
-                logged["eval_loss"] = held_out_loss(engine, task, eval_batch, train_cfg.micro_batch)
+                logged["eval_loss"] = held_out_loss(engine, task, eval_batch, train_cfg.micro_batch, rank, world)
             if rank == 0:
                 eta = float(np.mean([s for _, s in recent])) * (total_steps - step)
                 _log(task.name, logged, total_steps, eta, train_cfg.log_every, writer, metrics)
@@ -212,15 +212,18 @@ def train_loop(config: dict) -> None:
         writer.close()
 
 
-def held_out_loss(engine, task: Task, rows: dict[str, torch.Tensor], micro: int) -> float:
+def held_out_loss(engine, task: Task, rows: dict[str, torch.Tensor], micro: int, rank: int, world: int) -> float:
+    """The mean loss of the held-out rows' micro-batches, on every rank (a collective): each rank computes every
+    world-th micro-batch, so the ranks share the work instead of each repeating all of it."""
     engine.eval()
-    losses = []
+    n = len(next(iter(rows.values())))
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # sum of micro-batch losses, their count
     with torch.no_grad():
-        n = len(next(iter(rows.values())))
-        for i in range(0, n, micro):
+        for i in range(rank * micro, n, world * micro):
             loss, _, _ = task.loss(engine, {k: v[i:i + micro] for k, v in rows.items()})
-            losses.append(loss.item())
-    return float(np.mean(losses))
+            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=engine.device)
+    torch.distributed.all_reduce(total)
+    return float(total[0] / total[1])
 
 
 def save_trained_state(engine, folder: str) -> None:

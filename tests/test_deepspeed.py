@@ -1,6 +1,7 @@
 """The DeepSpeed engines as the training stages and the PPO learners build them, on CPU in this process (gloo,
 one rank): a LoRA checkpoint leaves the frozen base out and restores what training changed; gradient
-checkpointing gives the gradients of the plain backward pass."""
+checkpointing gives the gradients of the plain backward pass; and the held-out loss the ranks share (two gloo
+processes)."""
 
 import os
 from pathlib import Path
@@ -107,3 +108,23 @@ def test_bf16_auto_takes_bf16_only_where_the_hardware_computes_it(monkeypatch, c
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_bf16(None) is expected
     assert resolve_bf16(True) is True and resolve_bf16(False) is False  # a setting is kept whatever the hardware
+
+
+def _held_out_loss_of_rank(rank: int, world: int, port: int, rows: dict, results) -> None:
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    from clinicalgpt.trainer import held_out_loss
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    task = SimpleNamespace(loss=lambda engine, batch: (batch["x"].double().mean(), {}, 0))
+    engine = SimpleNamespace(eval=lambda: None, device=torch.device("cpu"))
+    results.put((rank, held_out_loss(engine, task, rows, 2, rank, world)))
+    dist.destroy_process_group()
+
+
+def test_the_ranks_share_the_held_out_loss_and_each_gets_the_mean_over_every_micro_batch():
+    """Nine rows in micro-batches of 2 on two ranks: rank 0 computes batches 0, 2, 4, rank 1 batches 1, 3; both get
+    the mean of the five batch means, (0.5 + 2.5 + 4.5 + 6.5 + 8) / 5 = 4.4, as one rank computing all of them."""
+    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    torch.multiprocessing.spawn(_held_out_loss_of_rank, args=(2, free_ports(1)[0], {"x": torch.arange(9)}, results),
+                                nprocs=2)
+    assert sorted(results.get() for _ in range(2)) == [(0, pytest.approx(4.4)), (1, pytest.approx(4.4))]
