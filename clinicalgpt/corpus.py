@@ -359,6 +359,18 @@ def record_files(cfg: Config, splits: list[str], tasks: list[str] | None = None)
                   if tasks is None or p.parent.name in tasks)
 
 
+def first_records(cfg: Config, splits: list[str], tasks: list[str], n: int) -> list[dict]:
+    """The first n records of the given splits and tasks, in shard order, read directly: a fixed small set (PPO's
+    held-out prompts) without starting a Ray Data pipeline for it."""
+    rows: list[dict] = []
+    for path in record_files(cfg, splits, tasks):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=max(n, 1)):
+            rows += batch.to_pylist()[:n - len(rows)]
+            if len(rows) == n:
+                return rows
+    return rows
+
+
 def read_records(cfg: Config, splits: list[str], tasks: list[str] | None = None) -> ray.data.Dataset:
     """Stream the built records of the given splits (and tasks) as a Ray Dataset, one block per shard."""
     files = record_files(cfg, splits, tasks)

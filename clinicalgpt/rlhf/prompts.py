@@ -38,19 +38,23 @@ def prompt_dataset(cfg: Config, split: str) -> ray.data.Dataset:
 
 def held_out_prompts(cfg: Config) -> list[list[int]]:
     """The first ppo.eval_prompts validation prompts that fit ppo.max_prompt_len: the same every run."""
-    rows = prompt_dataset(cfg, "valid").take(cfg.ppo.eval_prompts * 4)
-    return [list(r["prompt_ids"]) for r in rows if len(r["prompt_ids"]) <= cfg.ppo.max_prompt_len][:cfg.ppo.eval_prompts]
+    from ..corpus import first_records
+    tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
+    rows = first_records(cfg, ["valid"], list(cfg.ppo.prompt_tasks), cfg.ppo.eval_prompts * 4)
+    ids = [prompt_ids(tok, r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"])
+           for r in rows]
+    return [p for p in ids if len(p) <= cfg.ppo.max_prompt_len][:cfg.ppo.eval_prompts]
 
 
 def held_out_exam(cfg: Config) -> list[tuple[list[int], dict[str, str]]]:
     """The first ppo.eval_exam_prompts exam questions of the training split that fit ppo.max_prompt_len, with their
     options: the same every run. Answered greedily for the answer format, not accuracy (SFT trained on them)."""
-    from ..corpus import read_records
+    from ..corpus import first_records
     if not cfg.ppo.eval_exam_prompts:
         return []
     tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
     out = []
-    for r in read_records(cfg, ["train"], ["exam"]).take(cfg.ppo.eval_exam_prompts * 4):
+    for r in first_records(cfg, ["train"], ["exam"], cfg.ppo.eval_exam_prompts * 4):
         ids = prompt_ids(tok, list(r["messages"][:-1]))
         if len(ids) <= cfg.ppo.max_prompt_len:
             out.append((ids, json.loads(r["meta"])["options"]))
