@@ -251,8 +251,8 @@ class PPOConfig:
     # GPUs for both roles: NCCL cannot join two processes on one GPU); auto: the path that has run (object_store).
     weight_sync: str = "auto"
     rollout_restarts: int = 3  # a rollout engine that dies is rebuilt, and given the current weights, this many times
-    # Other role deaths (a learner rank, the reference, the reward model) survived by restarting all the
-    # roles from the last checkpoint, in the running job.
+    # Other role deaths survived in the running job from the last checkpoint: a learner rank's by restarting the
+    # learner group (all roles with weight_sync nccl), the reference's or reward model's by restarting all roles.
     max_failures: int = 3
     forward_rows: int = 16  # rows per forward pass when scoring (reference, reward, old log-probs), grouped by length
     checkpoint_every: int = 10

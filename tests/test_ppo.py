@@ -2,7 +2,7 @@
 killed learner rank (the job goes on from its last checkpoint), a rerun resumes from the last checkpoint,
 the rollout engine decodes exactly like the learner after a weight push, and a killed rollout engine is
 restarted in place with the current weights.
-Under `ray job submit`: tests/test_job_submit.py."""
+Under `ray job submit`: tests/test_architectures.py."""
 
 import json
 import threading
@@ -24,8 +24,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.mark.chaos
 def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner_then_resumes(trained, tmp_path, capsys):
-    """20 steps with a learner rank killed during step 5: the job restarts its roles from the step-3
-    checkpoint, redoes step 4 exactly, and still learns; a rerun with a larger budget then resumes."""
+    """20 steps with a learner rank killed during step 5: the job restarts the learner group from the step-3
+    checkpoint (the other roles go on), redoes step 4 exactly, and still learns; a rerun with a larger budget then
+    resumes."""
     from jobs import ppo
     cfg, _ = trained
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft"))
@@ -43,7 +44,7 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
     # PPO alone (ptx off): the rule reward's learning, without PPO-ptx's pull towards the SFT corpus (tested below).
     summary = ppo.main(ppo_args(run_root, cfg, 20, "ppo.checkpoint_every=3", "ppo.ptx_coef=0"))
     out = capsys.readouterr().out
-    assert killed and "restarting the roles from the last checkpoint" in out, out[-3000:]
+    assert killed and "restarting the learner group from the last checkpoint" in out, out[-3000:]
     assert "resumed from step_000003: step 3" in out
     rows = [r for r in history(run, "ppo") if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, *range(4, 21)], [r["step"] for r in rows]  # redone from step 3

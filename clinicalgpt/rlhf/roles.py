@@ -122,6 +122,16 @@ class Roles:
                     dead.append(actor)
         return dead
 
+    def restart_learners(self, cfg: Config, policy: str, critic: str | None) -> None:
+        """A new learner group in place of the old one (killed), from the starting weights (resume() then loads
+        the last checkpoint into it and pushes it to the engines); the engines, reference and reward go on."""
+        for rank in self.learners.ranks:
+            ray.kill(rank)
+        ray.util.remove_placement_group(self.learners.group)
+        self.learners = LearnerGroup(cfg, policy, critic)
+        self.rollout.learner = self.learners.ranks[0]
+        self.groups[-1] = self.learners.group
+
     def shutdown(self) -> None:
         self.rollout.shutdown()
         for actor in self.actors:

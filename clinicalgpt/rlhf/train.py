@@ -115,16 +115,24 @@ def train(cfg: Config) -> dict:
                                 {"step": step, "consumed": stream.consumed, "beta": kl_controller.beta})
         except ray.exceptions.RayError:
             failed = time.time()
-            if failures == ppo.max_failures or not roles.dead():
+            dead = roles.dead()
+            if failures == ppo.max_failures or not dead:
                 raise
             failures += 1
-            print(f"[ppo] a role died during step {step + 1} (failure {failures} of {ppo.max_failures} allowed): "
-                  "restarting the roles from the last checkpoint", flush=True)
-            roles.shutdown()
             stream.close()
             if ptx:
                 ptx.close()
-            roles = start_roles(cfg, policy, reward_model, critic)
+            # A dead learner rank takes its peers' collectives down: the learner group restarts, the other roles
+            # keep running. With NCCL weight sync the engines' transfer groups are with learner rank 0: all restart.
+            if all(actor in roles.learners.ranks for actor in dead) and roles.rollout.weight_sync != "nccl":
+                print(f"[ppo] a learner rank died during step {step + 1} (failure {failures} of {ppo.max_failures} "
+                      "allowed): restarting the learner group from the last checkpoint", flush=True)
+                roles.restart_learners(cfg, policy, critic)
+            else:
+                print(f"[ppo] a role died during step {step + 1} (failure {failures} of {ppo.max_failures} allowed): "
+                      "restarting the roles from the last checkpoint", flush=True)
+                roles.shutdown()
+                roles = start_roles(cfg, policy, reward_model, critic)
             step, consumed, kl_controller = resume(cfg, roles)
             stream, ptx = PromptStream(cfg, consumed), ptx_stream(cfg, step)
             print(f"[ppo] recovered in {time.time() - failed:.1f}s: training goes on from step {step + 1}", flush=True)
