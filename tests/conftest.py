@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,6 +115,40 @@ def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0,
             return
         time.sleep(1)
     raise AssertionError(f"step {step} not reached (job exit code {proc.poll()})")
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A cluster started the way a user starts one (`ray start --head`), once for the session's submitted jobs,
+    stopped through its own process (SIGINT to `--block` shuts down what it started; never `ray stop`):
+    (ray cli, dashboard url, env)."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, agent, metrics = free_ports(4)
+    with (tmp_path / "head.log").open("w") as log:
+        head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                                 f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+                                 "--num-cpus=4", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield ray_cli, f"http://127.0.0.1:{dashboard}", env
+    head.send_signal(signal.SIGINT)
+    head.wait(timeout=120)
+
+
+def submit_job(ray_head, cwd: Path, *command: str, runtime_env: dict | None = None) -> str:
+    """`ray job submit --working-dir <repo> [--runtime-env-json ...] -- <command>` against the ray_head cluster:
+    its output. The head takes a while to accept jobs: retried until one is submitted (then never again)."""
+    ray_cli, url, env = ray_head
+    extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+    submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(REPO), *extra, "--", *command]
+    deadline = time.time() + 180
+    while True:
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, cwd=cwd)
+        out = done.stdout + done.stderr
+        if "raysubmit_" in out or time.time() > deadline:
+            return out
+        time.sleep(5)
 
 
 def free_ports(n: int) -> list[int]:

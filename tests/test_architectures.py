@@ -1,7 +1,8 @@
 """The paper's base architecture, BLOOM (ALiBi, fused query_key_value, no sample packing), as any Hugging Face model
 comes in: `preset=hf model.path=<folder>`. A tiny randomly initialised BLOOM built with the project's tokenizer goes
-through SFT (LoRA on all its linear layers) and PPO with vLLM's BLOOM as the rollout engine, whose log-probs after
-a weight push equal the learner's."""
+through SFT (LoRA on all its linear layers), then PPO as users run it on a cluster: `ray job submit` to a head
+started with `ray start --head`, scored by a user's reward function from the job's working directory, with vLLM's
+BLOOM as the rollout engine, whose log-probs after a weight push equal the learner's."""
 
 import json
 
@@ -10,13 +11,13 @@ import pytest
 from clinicalgpt.config import ModelConfig, load_config
 from clinicalgpt.modeling import build_model
 from clinicalgpt.tokenizer import load_tokenizer
-from conftest import SMALL_PPO, history, stage_args
+from conftest import SMALL_PPO, history, stage_args, submit_job
 
 pytestmark = pytest.mark.e2e
 
 
-def test_a_bloom_model_from_its_folder_goes_through_sft_and_ppo_with_vllm(built, tmp_path):
-    from jobs import ppo, sft
+def test_a_bloom_model_from_its_folder_goes_through_sft_and_a_submitted_ppo_job(built, tmp_path, ray_head):
+    from jobs import sft
     cfg, _ = built
     tok = load_tokenizer(cfg.model_path)
     base = tmp_path / "bloom-base"
@@ -38,10 +39,21 @@ def test_a_bloom_model_from_its_folder_goes_through_sft_and_ppo_with_vllm(built,
     adapted = json.loads((run.stage_dir("sft") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert {name.split(".")[-1] for name in adapted} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
 
-    # PPO from that SFT model: a rule reward and group-relative advantages (no reward model or critic to train).
-    # The random model's answers all run to the limit, so every advantage is 0: PPO-ptx's LM loss moves the weights.
-    ppo.main(argv + ["ppo.steps=2", "ppo.eval_every=10", "ppo.checkpoint_every=10", "ppo.advantage=grpo", *SMALL_PPO])
-    rows = [r for r in history(run, "ppo") if "reward" in r]
+    # PPO from that SFT model, submitted as a job: a user's function is the reward, imported inside the reward actor
+    # from the job's working directory and configured by an environment variable of the submitted runtime env, which
+    # also sets variables the job itself sets (Ray refuses conflicting keys between the two: the job must not pass
+    # them again). Group-relative advantages: no reward model or critic to train.
+    reward = "python:tests.user_rewards:answer_length"
+    user_env = {"env_vars": {"ANSWER_CHARS": "10000", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    out = submit_job(ray_head, tmp_path, "python", "jobs/ppo.py", *argv, "ppo.steps=2", "ppo.eval_every=10",
+                     "ppo.checkpoint_every=10", "ppo.advantage=grpo", *SMALL_PPO, f"ppo.reward={reward}",
+                     runtime_env=user_env)
+    assert "succeeded" in out, out[-3000:]
+    assert f"reward {reward}," in out and "[ppo] done" in out
+    rows = history(run, "ppo")
+    # -|characters - 10000| / 10000 of answers of 24 tokens at most: in [-1, -0.95]
+    assert all(-1 <= r[k] <= -0.95 for r in rows for k in ("reward", "eval_reward") if k in r), rows
+    rows = [r for r in rows if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2]
     # Step 2 samples from the engine after the first push of changed weights (a KL to the reference now): its
     # log-probs of its own tokens are the learner's (measured 7.6e-6).
