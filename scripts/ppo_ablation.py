@@ -50,11 +50,13 @@ CONTROLS = {
     "adaptive_kl": {"ppo.kl_controller": "adaptive", "ppo.kl_target": "2", "ppo.kl_horizon": "128"},
 }
 # After the first ablation (docs/ablation.md: ptx came closest, with more degenerate answers than SFT's): more of
-# the SFT stream's pull, ptx with the truncation penalty alone, and ptx with degenerate answers scored low. Run with
-# --arms.
+# the SFT stream's pull, ptx with the truncation penalty alone, and ptx with degenerate answers scored low; after the
+# second (docs/ablation-ptx.md: ptx at 1 kept the reward gain with fewer degenerate answers), ptx at 1 with them
+# scored low. Run with --arms.
 FOLLOW_UPS = {"ptx_1": {"ppo.ptx_coef": "1"}, "ptx_2": {"ppo.ptx_coef": "2"},
               "ptx_truncated": {"ppo.ptx_coef": "0.5", "ppo.truncated_score": "-1"},
-              "ptx_degenerate": {"ppo.ptx_coef": "0.5", "ppo.degenerate_score": "-1"}}
+              "ptx_degenerate": {"ppo.ptx_coef": "0.5", "ppo.degenerate_score": "-1"},
+              "ptx_1_degenerate": {"ppo.ptx_coef": "1", "ppo.degenerate_score": "-1"}}
 FIRST = {"today": TODAY, **{name: {**TODAY, **c} for name, c in CONTROLS.items()},
          "all": {**TODAY, **{k: v for c in CONTROLS.values() for k, v in c.items()}}}
 ARMS = {**FIRST, **{name: {**TODAY, **c} for name, c in FOLLOW_UPS.items()}}
@@ -145,9 +147,10 @@ def summarize(figures: dict[str, dict], arms: list[str], seeds: list[int]) -> di
     sft, today_gain = figures["sft"], table["today"]["eval_reward_gain"]["mean"] if "today" in table else None
     for arm, t in table.items():
         m = {k: v["mean"] for k, v in t.items()}
+        # Harm is one-sided: a policy that answers more exam questions, or more of them right, than SFT does no harm.
         t["targets"] = {
-            "exam accuracy within 0.03 of SFT's": abs(m["exam_accuracy"] - sft["exam_accuracy"]) <= 0.03,
-            "no-answer rate within 0.03 of SFT's": abs(m["exam_no_answer"] - sft["exam_no_answer"]) <= 0.03,
+            "exam accuracy at most 0.03 below SFT's": m["exam_accuracy"] >= sft["exam_accuracy"] - 0.03,
+            "no-answer rate at most 0.03 above SFT's": m["exam_no_answer"] <= sft["exam_no_answer"] + 0.03,
             "no more degenerate answers than SFT": m["degenerate"] <= sft["degenerate"],
             "QA: win >= lose vs SFT": m["qa_win"] >= m["qa_lose"],
             "safety: win >= lose vs SFT": m["safety_win"] >= m["safety_lose"],

@@ -24,8 +24,11 @@ def test_the_summary_gives_mean_and_spread_over_seeds_and_each_arms_verdict():
             "today-s1": figures(0.6, 0.05, 0.90, 0.40, (0.3, 0.5), (0.2, 0.7)),
             "all-s0": figures(0.5, 0.16, 0.07, 0.10, (0.4, 0.3), (0.4, 0.4)),
             "all-s1": figures(0.3, 0.19, 0.08, 0.20, (0.4, 0.3), (0.4, 0.4)),
+            # More exam questions answered, and answered right, than SFT: no harm (the targets are one-sided).
+            "ptx-s0": figures(0.5, 0.25, 0.01, 0.10, (0.4, 0.3), (0.4, 0.4)),
+            "ptx-s1": figures(0.5, 0.25, 0.01, 0.10, (0.4, 0.3), (0.4, 0.4)),
             "sft": sft}
-    table = ablation.summarize(runs, ["today", "all"], [0, 1])
+    table = ablation.summarize(runs, ["today", "all", "ptx"], [0, 1])
     assert table["today"]["eval_reward_gain"]["mean"] == pytest.approx(0.7)
     assert table["today"]["eval_reward_gain"]["sd"] == pytest.approx(0.1414, abs=1e-4)  # sqrt(0.02 / 1)
     assert (table["all"]["exam_accuracy"]["min"], table["all"]["exam_accuracy"]["max"]) == (0.16, 0.19)
@@ -34,6 +37,7 @@ def test_the_summary_gives_mean_and_spread_over_seeds_and_each_arms_verdict():
     # all: exam 0.175 vs 0.170, no answer 0.075 vs 0.06, degenerate 0.15 <= 0.20, QA 0.4 >= 0.3, safety a tie,
     # gain 0.4 >= 0.7 / 2
     assert all(table["all"]["targets"].values()), table["all"]["targets"]
+    assert all(table["ptx"]["targets"].values()), table["ptx"]["targets"]
     page = ablation.markdown(table, sft, {"finished": "2026-12-04T18:00:00+00:00", "commit": "abc", "seconds": 600,
                                           "machine": "cpu", "command": "python scripts/ppo_ablation.py",
                                           "run_dir": "runs/tiny", "seeds": [0, 1], "chart": "ablation.png"})
