@@ -1,5 +1,6 @@
 """The PPO roles as one object: the rollout engines with the weight-version protocol, the frozen reference,
-the reward and the learner group, each in its placement group, started and shut down together."""
+the reward and the learner group, each in its placement group, started and shut down together (the learner group
+also restarts alone, after one of its ranks died)."""
 
 from __future__ import annotations
 
