@@ -232,8 +232,9 @@ class PPOConfig:
     tis_cap: float = 2.0
     # PPO-ptx (InstructGPT): each policy update adds ptx_coef x the language-model loss of ptx_micro_batch packed
     # rows of the SFT stage's training stream, so the policy keeps its SFT skills (the alignment tax); 0 = off.
-    # 0.5: the best of docs/ablation.md's arms on the tiny preset (the 7B presets keep it off: never run there).
-    ptx_coef: float = 0.5
+    # 1: the best of the arms on the tiny preset (docs/ablation-ptx.md, docs/ablation-degenerate.md: the reward gain of
+    # 0.5 with a lower KL and fewer degenerate answers; the 7B presets keep it off: never run there).
+    ptx_coef: float = 1.0
     ptx_micro_batch: int = 1
     value_clip: float = 0.2
     grad_clip: float = 1.0
