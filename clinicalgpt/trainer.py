@@ -217,13 +217,12 @@ def held_out_loss(engine, task: Task, rows: dict[str, torch.Tensor], micro: int,
     world-th micro-batch, so the ranks share the work instead of each repeating all of it."""
     engine.eval()
     n = len(next(iter(rows.values())))
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # sum of micro-batch losses, their count
+    total = torch.zeros(1, dtype=torch.float64, device=engine.device)  # this rank's sum of micro-batch losses
     with torch.no_grad():
         for i in range(rank * micro, n, world * micro):
-            loss, _, _ = task.loss(engine, {k: v[i:i + micro] for k, v in rows.items()})
-            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=engine.device)
+            total += task.loss(engine, {k: v[i:i + micro] for k, v in rows.items()})[0].item()
     torch.distributed.all_reduce(total)
-    return float(total[0] / total[1])
+    return float(total) / math.ceil(n / micro)
 
 
 def save_trained_state(engine, folder: str) -> None:

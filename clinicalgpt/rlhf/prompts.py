@@ -14,6 +14,11 @@ from ..config import Config
 from ..tokenizer import load_tokenizer, prompt_ids
 
 
+def chat_prompt_ids(tok, chat: list[dict]) -> list[int]:
+    """A record's chat up to (without) its reference reply, rendered with the generation prompt and tokenized."""
+    return prompt_ids(tok, chat[:-1] if chat[-1]["role"] == "assistant" else chat)
+
+
 class TokenizePrompts:
     """Ray Data callable: records -> the chat up to (without) the reference reply, rendered with the
     generation prompt and tokenized. Over-long prompts keep their length so the driver can count them."""
@@ -22,8 +27,7 @@ class TokenizePrompts:
         self.tok = load_tokenizer(tokenizer_path, chat_template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = [prompt_ids(self.tok, chat[:-1] if chat[-1]["role"] == "assistant" else chat)
-               for chat in batch.column("messages").to_pylist()]
+        ids = [chat_prompt_ids(self.tok, chat) for chat in batch.column("messages").to_pylist()]
         return pa.table({"id": batch.column("id"), "prompt_ids": pa.array(ids, pa.list_(pa.int64()))})
 
 
@@ -41,8 +45,7 @@ def held_out_prompts(cfg: Config) -> list[list[int]]:
     from ..corpus import first_records
     tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
     rows = first_records(cfg, ["valid"], list(cfg.ppo.prompt_tasks), cfg.ppo.eval_prompts * 4)
-    ids = [prompt_ids(tok, r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"])
-           for r in rows]
+    ids = [chat_prompt_ids(tok, r["messages"]) for r in rows]
     return [p for p in ids if len(p) <= cfg.ppo.max_prompt_len][:cfg.ppo.eval_prompts]
 
 
