@@ -6,7 +6,6 @@ packed streams that pretrain and SFT read, the reward model's pairs, and the man
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -87,8 +86,6 @@ class CountTokens:
     records over max_len. What packing gives is in each packed stream's summary."""
 
     def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
-        # The pass's only actor (token_counts): its tokenizer may use the cores the pass leaves idle.
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
         self.max_len = max_len
 
@@ -108,11 +105,12 @@ class CountTokens:
 
 def token_counts(cfg: Config) -> dict:
     """Token counts per split and task."""
-    # One actor: bounded memory (two were no faster here).
+    # Two actors: rendering the chat template is Python, so one actor keeps one core busy (53 s against 39 s
+    # for the corpora on 2 cores).
     ds = read_records(cfg, list(SPLITS)).map_batches(
         CountTokens, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template,
                                             "max_len": cfg.seq.max_len},
-        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=1)
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=2)
     out: dict = {}
     for row in ds.iter_rows():
         node = out.setdefault(row["split"], {}).setdefault(row["task"], Counter())

@@ -333,13 +333,17 @@ class RewardTask(Task):
 
 def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int, device: str = "cpu") -> np.ndarray:
     """Mean log-prob per token that a causal LM gives each row's reply (its last reply_len real tokens of
-    right-padded ids) after the prompt before it."""
-    from .experience import build_batch, response_logprobs
+    right-padded ids) after the prompt before it. The rows as they are: trailing padding changes nothing under a
+    causal mask, and only the columns from the earliest reply on go through the vocabulary projection."""
     lengths = (ids != pad_id).sum(1)
-    batch = build_batch([list(row[:n - r]) for row, n, r in zip(ids, lengths, reply_len)],
-                        [list(row[n - r:n]) for row, n, r in zip(ids, lengths, reply_len)], pad_id)
-    logp = response_logprobs(model, batch, device).cpu().numpy()
-    return (logp * batch["response_mask"]).sum(1) / batch["response_mask"].sum(1)
+    starts = lengths - reply_len
+    width, first = int(lengths.max()), int(starts.min())
+    x = torch.as_tensor(ids[:, :width], device=device)
+    logits = model(input_ids=x, use_cache=False, logits_to_keep=width - first + 1).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, x[:, first:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+    columns = np.arange(first, width)
+    in_reply = (columns >= starts[:, None]) & (columns < lengths[:, None])
+    return (logp * in_reply).sum(1) / in_reply.sum(1)
 
 
 def length_bias(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:

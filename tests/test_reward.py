@@ -52,7 +52,8 @@ def test_the_base_models_preference_is_its_mean_log_prob_per_reply_token(tokeniz
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(build_config(mc, tokenizer)).eval()
     pad = tokenizer.pad_token_id
-    rows = [([5, 9], [12, 7, 3]), ([5, 9, 14, 2], [30])]  # (prompt, reply), right-padded as reward_model.padded makes them
+    # (prompt, reply), right-padded as reward_model.padded makes them; the first row is the shorter one
+    rows = [([5, 9], [12, 7, 3]), ([5, 9, 14, 2], [30, 8])]
     ids = np.array([p + r + [pad] * (8 - len(p) - len(r)) for p, r in rows])
     with torch.no_grad():
         got = reward_model.reply_likelihood(model, ids, np.array([len(r) for _, r in rows]), pad)
