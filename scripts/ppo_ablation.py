@@ -52,11 +52,15 @@ CONTROLS = {
 # After the first ablation (docs/ablation.md: ptx came closest, with more degenerate answers than SFT's): more of
 # the SFT stream's pull, ptx with the truncation penalty alone, and ptx with degenerate answers scored low; after the
 # second (docs/ablation-ptx.md: ptx at 1 kept the reward gain with fewer degenerate answers), ptx at 1 with them
-# scored low. Run with --arms.
+# scored low; after the third (docs/ablation-degenerate.md: the degenerate answers are greedy ones that loop to the
+# token limit, and sampled responses are rarely degenerate, so scoring those low changed almost nothing), ptx at 1
+# against the answers' growth towards the limit: cut answers scored low, or a cost per token. Run with --arms.
 FOLLOW_UPS = {"ptx_1": {"ppo.ptx_coef": "1"}, "ptx_2": {"ppo.ptx_coef": "2"},
               "ptx_truncated": {"ppo.ptx_coef": "0.5", "ppo.truncated_score": "-1"},
               "ptx_degenerate": {"ppo.ptx_coef": "0.5", "ppo.degenerate_score": "-1"},
-              "ptx_1_degenerate": {"ppo.ptx_coef": "1", "ppo.degenerate_score": "-1"}}
+              "ptx_1_degenerate": {"ppo.ptx_coef": "1", "ppo.degenerate_score": "-1"},
+              "ptx_1_truncated": {"ppo.ptx_coef": "1", "ppo.truncated_score": "-1"},
+              "ptx_1_length": {"ppo.ptx_coef": "1", "ppo.length_penalty": "1"}}
 FIRST = {"today": TODAY, **{name: {**TODAY, **c} for name, c in CONTROLS.items()},
          "all": {**TODAY, **{k: v for c in CONTROLS.values() for k, v in c.items()}}}
 ARMS = {**FIRST, **{name: {**TODAY, **c} for name, c in FOLLOW_UPS.items()}}

@@ -1,6 +1,5 @@
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -120,11 +119,13 @@ def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0,
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A cluster started the way a user starts one (`ray start --head`), once for the session's submitted jobs,
-    stopped through its own process (SIGINT to `--block` shuts down what it started; never `ray stop`):
-    (ray cli, dashboard url, env)."""
+    stopped through its own process (SIGTERM to `--block` shuts down what it started; never `ray stop`):
+    (ray cli, dashboard url, env). Not SIGINT: a shell without job control (CI's, `nohup ... &`) starts its
+    background commands with SIGINT ignored, and so the head. No drain on the way out: no traffic to drain."""
     tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, agent, metrics = free_ports(4)
     with (tmp_path / "head.log").open("w") as log:
@@ -132,7 +133,7 @@ def ray_head(tmp_path_factory):
                                  f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
                                  "--num-cpus=4", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
     yield ray_cli, f"http://127.0.0.1:{dashboard}", env
-    head.send_signal(signal.SIGINT)
+    head.terminate()
     head.wait(timeout=120)
 
 

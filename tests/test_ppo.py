@@ -173,9 +173,9 @@ def test_the_engine_scores_continuations_of_a_cached_prompt_like_the_learner(grp
         assert np.abs(np.array(scored[i]) - learner[i][batch["response_mask"][i] > 0]).max() < 1e-3, i
 
 
-def test_a_degenerate_response_scores_ppo_degenerate_score(grpo_roles):
+def test_a_degenerate_response_scores_ppo_degenerate_score_and_the_held_out_reward_stays_the_reward_models(grpo_roles):
     import dataclasses
-    from clinicalgpt.rlhf.step import score
+    from clinicalgpt.rlhf.step import held_out_reward, score
     cfg, roles, stream = grpo_roles
     prompt = stream.take(1)[0]
     # One phrase over and over; an answer; nothing but the end of the text.
@@ -183,10 +183,18 @@ def test_a_degenerate_response_scores_ppo_degenerate_score(grpo_roles):
                for r in ("小儿治疗、" * 6, "头痛三天，伴有发热，建议先查血常规。")]
     batch = build_batch([prompt] * 3, [*replies, [roles.tokenizer.eos_token_id]], roles.pad_id)
     cut = np.array([False, False, False])
-    plain = score(cfg, roles, batch, cut, 1.0)["scores"]
+    plain = score(cfg, roles, batch, cut, 1.0)
     penalized = score(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, degenerate_score=-3.0)), roles, batch,
-                      cut, 1.0)["scores"]
-    assert penalized[0] == penalized[2] == -3.0 and penalized[1] == plain[1] and plain[0] != -3.0
+                      cut, 1.0)
+    assert (plain["scores"] == plain["rewards"]).all() and plain["rewards"][0] != -3.0
+    assert penalized["scores"][0] == penalized["scores"][2] == -3.0 and penalized["scores"][1] == plain["scores"][1]
+    # The reward model's own scores stay beside the penalised ones, and the held-out reward reports them: an arm with
+    # penalties and one without compare on the same scale.
+    assert (penalized["rewards"] == plain["rewards"]).all()
+    shaping = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, degenerate_score=-3.0, length_penalty=1.0))
+    prompts = stream.take(4)
+    held_out = [held_out_reward(c, roles, prompts, [])["eval_reward"] for c in (shaping, cfg)]
+    assert held_out[0] == held_out[1], held_out
 
 
 def test_ptx_adds_the_language_model_loss_of_the_sft_stream_to_each_policy_update(grpo_roles):

@@ -43,19 +43,20 @@ def responses(roles: Roles, batch: dict) -> list[str]:
 
 def score(cfg: Config, roles: Roles, batch: dict, truncated: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
     """Reference log-probs, rewards, and the policy's log-probs and values, computed in parallel. The log-probs
-    are taken at the temperature the tokens were sampled at (0: greedy, scored at 1); the scores pay
-    ppo.length_penalty per share of the token limit, and a response the length limit cut scores ppo.truncated_score,
-    a degenerate one ppo.degenerate_score, when those are set."""
+    are taken at the temperature the tokens were sampled at (0: greedy, scored at 1); the scores PPO optimises are
+    the rewards less ppo.length_penalty per share of the token limit, and ppo.truncated_score for a response the
+    length limit cut, ppo.degenerate_score for a degenerate one, when those are set."""
     ref = sharded(roles.reference, "logprobs", batch, temperature)
     rew = sharded(roles.reward, "score", batch)
     own = ray.get(sharded(roles.learners.ranks, "logprobs_and_values", batch, temperature))
     ppo = cfg.ppo
     degenerates = (torch.tensor([degenerate(r) for r in responses(roles, batch)])
                    if ppo.degenerate_score is not None else None)
-    scores = rl.response_scores(torch.as_tensor(np.concatenate(ray.get(rew))), torch.as_tensor(truncated),
-                                ppo.truncated_score, torch.as_tensor(batch["response_mask"]).sum(1), ppo.length_penalty,
+    rewards = torch.as_tensor(np.concatenate(ray.get(rew)))
+    scores = rl.response_scores(rewards, torch.as_tensor(truncated), ppo.truncated_score,
+                                torch.as_tensor(batch["response_mask"]).sum(1), ppo.length_penalty,
                                 ppo.max_new_tokens, degenerates, ppo.degenerate_score)
-    out = {"ref_logprobs": np.concatenate(ray.get(ref)), "scores": scores.numpy(),
+    out = {"ref_logprobs": np.concatenate(ray.get(ref)), "rewards": rewards.numpy(), "scores": scores.numpy(),
            "old_logprobs": np.concatenate([o["logprobs"] for o in own])}
     if "values" in own[0]:
         out["old_values"] = np.concatenate([o["values"] for o in own])
@@ -112,7 +113,8 @@ def ppo_step(cfg: Config, roles: Roles, prompts: list[list[int]], beta: float, s
 
 def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]],
                     exam: list[tuple[list[int], dict[str, str]]]) -> dict[str, float]:
-    """Greedy answers to held-out prompts: mean reward, KL to the reference (summed per response), and the
+    """Greedy answers to held-out prompts: mean reward (the reward's own, without the penalties of the scores PPO
+    optimises: arms with and without them compare on it), KL to the reference (summed per response), and the
     answers' output health (evaluation.metrics.output_health, as eval_<name>); and to exam questions (prompt,
     options): the share answered with an option letter (eval_exam_compliant)."""
     batch, _, truncated = generate(cfg, roles, prompts, 1, cfg.ppo.seed, temperature=0.0)
@@ -126,5 +128,5 @@ def held_out_reward(cfg: Config, roles: Roles, prompts: list[list[int]],
     mask = torch.as_tensor(batch["response_mask"])
     # k3, not k1: greedy answers are not samples of the policy, and k1's sum over them can go negative.
     kl = rl.kl_per_token(torch.as_tensor(scored["old_logprobs"]), torch.as_tensor(scored["ref_logprobs"]), "k3")
-    return {"eval_reward": float(scored["scores"].mean()), "eval_kl": float((kl * mask).sum(1).mean()),
+    return {"eval_reward": float(scored["rewards"].mean()), "eval_kl": float((kl * mask).sum(1).mean()),
             "eval_response_length": float(mask.sum(1).mean()), **health}
