@@ -120,7 +120,7 @@ def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0,
 def ray_head(tmp_path_factory):
     """A cluster started the way a user starts one (`ray start --head`), once for the session's submitted jobs,
     stopped through its own process (SIGTERM to `--block` shuts down what it started; never `ray stop`):
-    (ray cli, dashboard url, env). Not SIGINT: a shell without job control (CI's, `nohup ... &`) starts its
+    (ray cli, dashboard url, env). Not SIGINT: a shell without job control (a script's `... &`) starts its
     background commands with SIGINT ignored, and so the head. No drain on the way out: no traffic to drain."""
     tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_cli = str(Path(sys.executable).parent / "ray")
