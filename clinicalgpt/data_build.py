@@ -6,6 +6,7 @@ packed streams that pretrain and SFT read, the reward model's pairs, and the man
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -86,6 +87,8 @@ class CountTokens:
     records over max_len. What packing gives is in each packed stream's summary."""
 
     def __init__(self, tokenizer_path: str, chat_template: str, max_len: int):
+        # The pass's only actor (token_counts): its tokenizer may use the cores the pass leaves idle.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
         self.max_len = max_len
 
@@ -105,12 +108,12 @@ class CountTokens:
 
 def token_counts(cfg: Config) -> dict:
     """Token counts per split and task."""
-    # Two actors: rendering the chat template is Python, so one actor keeps one core busy (53 s against 39 s
-    # for the corpora on 2 cores).
+    # One actor: bounded memory. Two took 39 s against 53, but their second process put the data job's peak in the
+    # test session at 4.19 GB, over the 4 GB it must stay under (tests/test_data_job.py).
     ds = read_records(cfg, list(SPLITS)).map_batches(
         CountTokens, fn_constructor_kwargs={"tokenizer_path": cfg.model_path, "chat_template": cfg.model.chat_template,
                                             "max_len": cfg.seq.max_len},
-        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=2)
+        batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=1)
     out: dict = {}
     for row in ds.iter_rows():
         node = out.setdefault(row["split"], {}).setdefault(row["task"], Counter())
