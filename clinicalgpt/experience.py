@@ -97,6 +97,11 @@ def model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict[str, t
     return {"input_ids": ids, "attention_mask": attention, "position_ids": positions}
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at each target token: [B, T, V] logits and [B, T] targets -> [B, T]."""
+    return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", with_entropy: bool = False,
                       temperature: float = 1.0):
     """log p(response token | everything before it) per response column, [B, L] (and the entropy of each
@@ -114,7 +119,7 @@ def response_logprobs(model, batch: dict, device: torch.device | str = "cpu", wi
     logits = model(**inputs, use_cache=False, logits_to_keep=responses + 1).logits[:, :-1].float()
     logits = logits / (temperature or 1.0)
     targets = inputs["input_ids"][:, P:]
-    logp = _pad_to(torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), L)
+    logp = _pad_to(token_logprobs(logits, targets), L)
     return (logp, _pad_to(entropy_from_logits(logits), L)) if with_entropy else logp
 
 

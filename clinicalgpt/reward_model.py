@@ -335,12 +335,13 @@ def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int,
     """Mean log-prob per token that a causal LM gives each row's reply (its last reply_len real tokens of
     right-padded ids) after the prompt before it. The rows as they are: trailing padding changes nothing under a
     causal mask, and only the columns from the earliest reply on go through the vocabulary projection."""
+    from .experience import token_logprobs
     lengths = (ids != pad_id).sum(1)
     starts = lengths - reply_len
     width, first = int(lengths.max()), int(starts.min())
     x = torch.as_tensor(ids[:, :width], device=device)
     logits = model(input_ids=x, use_cache=False, logits_to_keep=width - first + 1).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, x[:, first:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+    logp = token_logprobs(logits, x[:, first:]).cpu().numpy()
     columns = np.arange(first, width)
     in_reply = (columns >= starts[:, None]) & (columns < lengths[:, None])
     return (logp * in_reply).sum(1) / in_reply.sum(1)
