@@ -16,7 +16,10 @@ from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-STAGE_MODELS = ("pretrain", "sft", "rm", "judge", "ppo")
+STAGE_MODELS = ("pretrain", "sft", "rm", "judge", "ppo", "dpo")
+# recipe.align: the alignment stages the recipe runs after SFT (and evaluates beside pretrain and SFT).
+ALIGNMENTS = {"ppo": ["ppo"], "dpo": ["dpo"], "both": ["dpo", "ppo"]}
+DPO_LOSSES = ("sigmoid", "ipo", "simpo")
 
 
 @dataclass
@@ -122,7 +125,7 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    """One training stage on Ray Train + DeepSpeed ZeRO-2 (pretrain, sft, rm)."""
+    """One training stage on Ray Train + DeepSpeed ZeRO-2 (pretrain, sft, rm, judge, dpo)."""
 
     lr: float = 5e-5
     global_batch: int = 128  # sequences per optimizer step, over all workers (gradient accumulation fills it)
@@ -158,6 +161,20 @@ class TrainConfig:
     # judge (jobs/judge.py) trains on the other half with another seed; 0: all pairs (then no judge of our own).
     pair_half: int = 0
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation from the SFT model (jobs/dpo.py): TrainConfig's settings plus the loss's."""
+
+    # sigmoid: DPO (Rafailov et al.); ipo: IPO's squared loss on mean per-token log-ratios (Azar et al.); simpo: SimPO,
+    # reference-free, on mean per-token log-probs with a target margin (Meng et al.).
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    # sigmoid and simpo: the share of pairs taken to be mislabelled (conservative DPO): the loss of the pair read both
+    # ways, weighted 1 - label_smoothing and label_smoothing; 0 = off.
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # simpo: the target margin between the chosen and rejected replies' rewards
 
 
 @dataclass
@@ -271,9 +288,10 @@ class EvalConfig:
     """The clinical evaluation (jobs/eval.py): the paper's four task families plus safety, on the test
     records of the data pipeline (point data.sources at the original datasets to evaluate on them)."""
 
-    # Stage names under the run folder (pretrain, sft, ppo) or model paths / hub names. The judged
-    # families compare the last (the newest system, as the paper compares ClinicalGPT) with each other.
-    models: list[str] = field(default_factory=lambda: ["pretrain", "sft", "ppo"])
+    # Stage names under the run folder (pretrain, sft, dpo, ppo) or model paths / hub names; empty: pretrain, sft and
+    # the recipe's alignment stages (recipe.align). The judged families compare the last (the newest system, as the
+    # paper compares ClinicalGPT) with each other.
+    models: list[str] = field(default_factory=list)
     families: list[str] = field(default_factory=lambda: ["conversation", "exam", "diagnosis", "qa", "safety"])
     # Items per family, drawn by a seeded hash of their ids (the same items for every model); 0 = all.
     items: dict[str, int] = field(default_factory=lambda: {
@@ -324,6 +342,11 @@ class ServeConfig:
 
 
 @dataclass
+class RecipeConfig:
+    align: str = "ppo"  # after SFT: ppo (the paper's path: reward model, then PPO), dpo (from the pairs), or both
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS, else a local cluster started for the job
     num_cpus: int = 0  # logical CPUs of a local cluster; 0 = max(4, cores)
@@ -354,6 +377,13 @@ class Config:
         # steps to the pairs it can learn. Presets of real models train on all.
         pair_fractions={"constructed/kg_swap": 0.2, "constructed/exam_wrong_option": 0.2}))
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    # On the reward model's pairs (its half and shares: PPO's reward signal came from the same pairs, and the judge
+    # was trained apart from them), LoRA as SFT's.
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
+        lr=1e-3, global_batch=16, micro_batch=8, max_steps=120, eval_every=20, checkpoint_every=40, log_every=10,
+        pair_half=1, pair_fractions={"constructed/kg_swap": 0.2, "constructed/exam_wrong_option": 0.2},
+        lora=LoraSettings()))
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -417,6 +447,12 @@ def load_config(argv: list[str] | None = None) -> Config:
     except Exception as e:  # omegaconf names the offending key; keep the message, drop the trace
         raise SystemExit(f"bad config: {e}") from None
     cfg = OmegaConf.to_object(merged)
+    if cfg.recipe.align not in ALIGNMENTS:
+        raise SystemExit(f"recipe.align={cfg.recipe.align!r}: one of {', '.join(ALIGNMENTS)}")
+    if cfg.dpo.loss not in DPO_LOSSES:
+        raise SystemExit(f"dpo.loss={cfg.dpo.loss!r}: one of {', '.join(DPO_LOSSES)}")
+    if not cfg.eval.models:
+        cfg.eval.models = ["pretrain", "sft", *ALIGNMENTS[cfg.recipe.align]]
     if cfg.model.dtype == "auto" or cfg.seq.pack is None:
         _settle_from_the_model(cfg)
     return cfg

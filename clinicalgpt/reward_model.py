@@ -256,15 +256,19 @@ class TokenizePairs:
 
 
 def padded(pairs: pa.Table, pad_id: int, max_len: int) -> dict[str, np.ndarray]:
-    """Tokenized pairs as numpy: chosen/rejected ids right-padded to max_len, the reply lengths, the sources."""
+    """Tokenized pairs as numpy: chosen/rejected ids right-padded to max_len, the sources, and every numeric column
+    as it is (the reply lengths, the weight; DPO's reference log-probs)."""
     out = {}
     for side in ("chosen", "rejected"):
         rows = pairs.column(f"{side}_ids").combine_chunks()
         ids = np.full((pairs.num_rows, max_len), pad_id, dtype=np.int64)
         ids[np.arange(max_len) < pc.list_value_length(rows).to_numpy()[:, None]] = rows.flatten().to_numpy()
         out[f"{side}_ids"] = ids
-        out[f"{side}_reply_len"] = pairs.column(f"{side}_reply_len").to_numpy().astype(np.int64)
-    out["weight"] = pairs.column("weight").to_numpy().astype(np.float32)
+    for name, column in zip(pairs.column_names, pairs.columns):
+        if pa.types.is_integer(column.type):
+            out[name] = column.to_numpy().astype(np.int64)
+        elif pa.types.is_floating(column.type):
+            out[name] = column.to_numpy().astype(np.float32)
     out["source"] = np.array(pairs.column("source").to_pylist(), dtype=object)
     return out
 
@@ -306,6 +310,7 @@ def scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 class RewardTask(Task):
     shuffle_rows = False  # its stream comes shuffled, then grouped by length (length_groups)
+    metrics = ("accuracy",)
 
     def __init__(self, source: str, pad_id: int, name: str = "rm"):
         self.source, self.pad_id, self.name = source, pad_id, name  # name: rm, or judge
@@ -331,20 +336,31 @@ class RewardTask(Task):
         export_hf(model, cfg, out)
 
 
-def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int, device: str = "cpu") -> np.ndarray:
-    """Mean log-prob per token that a causal LM gives each row's reply (its last reply_len real tokens of
-    right-padded ids) after the prompt before it. The rows as they are: trailing padding changes nothing under a
-    causal mask, and only the columns from the earliest reply on go through the vocabulary projection."""
+def reply_logprobs(model, ids: torch.Tensor, reply_len: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The summed log-prob a causal LM gives each row's reply (its last reply_len real tokens of right-padded ids)
+    after the prompt before it, [B]. The rows as they are (trailing padding changes nothing under a causal mask), and
+    only the positions that predict a reply token go through the vocabulary projection: a hook picks them from its
+    input, so prompts and padding cost no logits (2-4x less compute on the tiny preset)."""
     from .experience import token_logprobs
     lengths = (ids != pad_id).sum(1)
-    starts = lengths - reply_len
-    width, first = int(lengths.max()), int(starts.min())
-    x = torch.as_tensor(ids[:, :width], device=device)
-    logits = model(input_ids=x, use_cache=False, logits_to_keep=width - first + 1).logits[:, :-1].float()
-    logp = token_logprobs(logits, x[:, first:]).cpu().numpy()
-    columns = np.arange(first, width)
-    in_reply = (columns >= starts[:, None]) & (columns < lengths[:, None])
-    return (logp * in_reply).sum(1) / in_reply.sum(1)
+    width = int(lengths.max())
+    x = ids[:, :width]
+    columns = torch.arange(1, width, device=ids.device)  # token t, predicted at position t - 1
+    predicts = (columns >= (lengths - reply_len)[:, None]) & (columns < lengths[:, None])
+    head = getattr(model, "module", model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][:, :-1][predicts],))
+    try:
+        logits = model(input_ids=x, use_cache=False).logits.float()  # [reply tokens, vocabulary]
+    finally:
+        hook.remove()
+    rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(predicts)[predicts]
+    return torch.zeros(len(ids), device=ids.device).index_add(0, rows, token_logprobs(logits, x[:, 1:][predicts]))
+
+
+def reply_likelihood(model, ids: np.ndarray, reply_len: np.ndarray, pad_id: int, device: str = "cpu") -> np.ndarray:
+    """Mean log-prob per token that a causal LM gives each row's reply (reply_logprobs over its length)."""
+    summed = reply_logprobs(model, torch.as_tensor(ids, device=device), torch.as_tensor(reply_len, device=device), pad_id)
+    return summed.cpu().numpy() / reply_len
 
 
 def length_bias(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:

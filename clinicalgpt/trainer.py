@@ -40,6 +40,7 @@ class Task:
 
     name = "task"
     shuffle_rows = True  # False: the stream's row order is kept (it comes grouped, e.g. by length)
+    metrics: tuple[str, ...] = ()  # what loss() reports beside the loss; averaged over the held-out rows too
 
     def build_model(self, cfg: Config, train_cfg: TrainConfig) -> torch.nn.Module:
         raise NotImplementedError
@@ -155,7 +156,8 @@ def train_loop(config: dict) -> None:
             scheduler.step(step - 1)  # the schedule goes on from the restored step (as after `step` steps)
         held_out = ""
         if eval_batch is not None:  # the restored weights' held-out loss: the one logged at that step
-            held_out = f", held-out loss {held_out_loss(engine, task, eval_batch, train_cfg.micro_batch, rank, world):.4f}"
+            restored = held_out_metrics(engine, task, eval_batch, train_cfg.micro_batch, rank, world)
+            held_out = f", held-out loss {restored['eval_loss']:.4f}"
         if rank == 0:
             note = "" if same_world else f" (saved by {state['world']}: weights restored, optimizer state reset)"
             print(f"[{task.name}] resumed from step {step} on {world} worker(s){note}{held_out}", flush=True)
@@ -194,7 +196,7 @@ def train_loop(config: dict) -> None:
                       "tokens_per_s": sum(t for t, _ in recent) / max(sum(s for _, s in recent), 1e-9)}
             window, tokens = [], 0
             if eval_batch is not None and (step % train_cfg.eval_every == 0 or step == total_steps or step == 1):
-                logged["eval_loss"] = held_out_loss(engine, task, eval_batch, train_cfg.micro_batch, rank, world)
+                logged.update(held_out_metrics(engine, task, eval_batch, train_cfg.micro_batch, rank, world))
             if rank == 0:
                 eta = float(np.mean([s for _, s in recent])) * (total_steps - step)
                 _log(task.name, logged, total_steps, eta, train_cfg.log_every, writer, metrics)
@@ -212,17 +214,22 @@ def train_loop(config: dict) -> None:
         writer.close()
 
 
-def held_out_loss(engine, task: Task, rows: dict[str, torch.Tensor], micro: int, rank: int, world: int) -> float:
-    """The mean loss of the held-out rows' micro-batches, on every rank (a collective): each rank computes every
-    world-th micro-batch, so the ranks share the work instead of each repeating all of it."""
+def held_out_metrics(engine, task: Task, rows: dict[str, torch.Tensor], micro: int, rank: int,
+                     world: int) -> dict[str, float]:
+    """eval_loss and eval_<metric> (task.metrics): their means over the held-out rows' micro-batches, on every rank (a
+    collective): each rank computes every world-th micro-batch, so the ranks share the work instead of each
+    repeating all of it."""
     engine.eval()
     n = len(next(iter(rows.values())))
-    total = torch.zeros(1, dtype=torch.float64, device=engine.device)  # this rank's sum of micro-batch losses
+    names = ("loss", *task.metrics)
+    total = torch.zeros(len(names), dtype=torch.float64, device=engine.device)  # this rank's sums over micro-batches
     with torch.no_grad():
         for i in range(rank * micro, n, world * micro):
-            total += task.loss(engine, {k: v[i:i + micro] for k, v in rows.items()})[0].item()
+            loss, metrics, _ = task.loss(engine, {k: v[i:i + micro] for k, v in rows.items()})
+            total += torch.tensor([loss.item(), *(metrics[m] for m in task.metrics)], dtype=torch.float64,
+                                  device=engine.device)
     torch.distributed.all_reduce(total)
-    return float(total) / math.ceil(n / micro)
+    return {f"eval_{name}": float(v) / math.ceil(n / micro) for name, v in zip(names, total)}
 
 
 def save_trained_state(engine, folder: str) -> None:

@@ -19,13 +19,21 @@ from pathlib import Path
 
 import ray
 
-from clinicalgpt.config import Config, load_config
+from clinicalgpt.config import ALIGNMENTS, Config, load_config
 from clinicalgpt.lineage import git_commit, iso
 from clinicalgpt.reward_model import trains_judge
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "ppo", "eval"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "dpo", "ppo", "eval"]
+
+
+def stages(cfg: Config) -> list[str]:
+    """The stages the recipe runs: after SFT, the alignment paths of recipe.align (PPO with its reward model, DPO),
+    and the evaluation's judge where the evaluation judges with it."""
+    aligned = ALIGNMENTS[cfg.recipe.align]
+    skipped = ({"rm", "ppo"} - set(aligned)) | ({"dpo"} - set(aligned)) | (set() if trains_judge(cfg) else {"judge"})
+    return [s for s in STAGES if s not in skipped]
 
 
 def main(argv: list[str]) -> None:
@@ -34,7 +42,7 @@ def main(argv: list[str]) -> None:
     init_ray(cfg)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     timings = {}
-    for stage in [s for s in STAGES if s != "judge" or trains_judge(cfg)]:
+    for stage in stages(cfg):
         print(f"\n===== {stage} =====", flush=True)
         started = time.time()
         done = subprocess.run([sys.executable, str(JOBS / f"{stage}.py"), *argv], env=env)
@@ -60,15 +68,18 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
     print(f"  records: {manifest['totals']['records']:,} ({', '.join(f'{k} {v:,}' for k, v in manifest['totals']['by_task'].items())})")
     print(f"  skipped input lines: {manifest['skipped_total']:,}; see {cfg.data_dir / 'manifest.md'}")
     print(f"  base model: {cfg.model_path}")
-    for stage in [s for s in ("pretrain", "sft", "rm", "judge") if s in timings]:
+    for stage in [s for s in ("pretrain", "sft", "rm", "judge", "dpo") if s in timings]:
         summary = json.loads((cfg.stage_dir(stage) / "summary.json").read_text())
-        extra = f", pairwise accuracy {summary['accuracy']:.3f}" if "accuracy" in summary else ""
+        extra = ""
+        if "accuracy" in summary:
+            extra = f", {'implicit-reward' if stage == 'dpo' else 'pairwise'} accuracy {summary['accuracy']:.3f}"
         print(f"  {stage}: {summary['steps']} steps, held-out loss {summary['first_eval_loss']:.3f} -> "
               f"{summary['last_eval_loss']:.3f}{extra}; model {summary['model']}")
-    ppo = json.loads((cfg.stage_dir("ppo") / "summary.json").read_text())
-    print(f"  ppo: {ppo['steps']} steps, reward {ppo['first_reward']:.3f} -> {ppo['last_reward']:.3f}, held-out reward "
-          f"{ppo['first_eval_reward']:.3f} -> {ppo['last_eval_reward']:.3f} at KL {ppo['last_eval_kl']:.2f}, "
-          f"{ppo['samples_per_s']:.1f} samples/s; policy {ppo['model']}")
+    if "ppo" in timings:
+        ppo = json.loads((cfg.stage_dir("ppo") / "summary.json").read_text())
+        print(f"  ppo: {ppo['steps']} steps, reward {ppo['first_reward']:.3f} -> {ppo['last_reward']:.3f}, held-out "
+              f"reward {ppo['first_eval_reward']:.3f} -> {ppo['last_eval_reward']:.3f} at KL {ppo['last_eval_kl']:.2f}, "
+              f"{ppo['samples_per_s']:.1f} samples/s; policy {ppo['model']}")
     results = json.loads((cfg.stage_dir("eval") / "results.json").read_text())
     fam = results["families"]
     for name in results["models"]:
@@ -85,11 +96,13 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
         for pair, v in fam.get(family, {}).items():
             print(f"  eval {family} {pair}: win {v['win']:.2f} tie {v['tie']:.2f} lose {v['lose']:.2f}")
     print(f"  evaluation report: {cfg.stage_dir('eval') / 'report.md'}")
-    for stage in [s for s in STAGES if s != "judge" or trains_judge(cfg)]:
+    for stage in stages(cfg):
         if (cfg.stage_dir(stage) / "curves.png").exists():
             print(f"  curves {stage:8s} {cfg.stage_dir(stage) / 'curves.png'}")
     print(f"  lineage (commit, config, versions): <stage>/lineage.json; the recipe's: {cfg.run_dir / 'recipe.json'}")
-    print("  serve the PPO policy (OpenAI API on http://127.0.0.1:8000/v1): .venv/bin/python jobs/serve.py")
+    served = "ppo" if "ppo" in timings else "dpo"  # serve.model's default: ppo
+    print(f"  serve the {served.upper()} policy (OpenAI API on http://127.0.0.1:8000/v1): "
+          ".venv/bin/python jobs/serve.py" + ("" if served == "ppo" else " serve.model=dpo"))
 
 
 if __name__ == "__main__":

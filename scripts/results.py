@@ -21,14 +21,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NR = "not recorded"
 # The recipe's stages in order, and the folder each writes its outputs to.
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "ppo", "eval"]
+STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "dpo", "ppo", "eval"]
 STAGE_DIRS = {"data": ["data"], "bootstrap": ["bootstrap", "base"], "pretrain": ["pretrain"], "sft": ["sft"],
-              "rm": ["rm"], "judge": ["judge"], "ppo": ["ppo"], "eval": ["eval"]}
+              "rm": ["rm"], "judge": ["judge"], "dpo": ["dpo"], "ppo": ["ppo"], "eval": ["eval"]}
 PHASES = {"generate_s": "step phase: generate (s)", "score_s": "step phase: score (s)",
           "train_s": "step phase: train (s)", "sync_s": "step phase: weight sync (s)", "step_s": "whole step (s)"}
-CURVES = ("pretrain", "sft", "rm", "judge", "ppo")  # the training stages, which plot their curves
+CURVES = ("pretrain", "sft", "rm", "judge", "dpo", "ppo")  # the training stages, which plot their curves
 TITLES = {"data": "Data", "bootstrap": "Bootstrap (base model)", "pretrain": "Domain pretraining", "sft": "SFT",
-          "rm": "Reward model", "judge": "Judge (a second reward model, on the other half of the pairs)", "ppo": "PPO",
+          "rm": "Reward model", "judge": "Judge (a second reward model, on the other half of the pairs)",
+          "dpo": "DPO (recipe.align dpo or both)", "ppo": "PPO",
           "eval": "Clinical evaluation"}
 
 
@@ -207,8 +208,10 @@ class Page:
             ["total time", seconds(r.get("seconds"))],
         ]))
         extra = [k for k in (r.get("stages") or {}) if k not in STAGES]
+        # DPO only where the run aligned with it (recipe.align dpo or both).
+        listed = [s for s in STAGES if s != "dpo" or s in (r.get("stages") or {}) or s in self.lineage]
         rows = []
-        for stage in STAGES + extra:
+        for stage in listed + extra:
             info = self.lineage.get(stage) or {}
             rerun = " (rerun alone, after the recipe)" if self.rerun_alone(stage) else ""
             rows.append([stage, seconds(self.stage_seconds(stage)) + rerun, when(info.get("started")) if info else NR,
@@ -278,6 +281,29 @@ class Page:
                          f"held-out reply; the longer reply of a pair scores higher in {num(a['prefers_longer'])} "
                          "of the pairs.", "")
         self.provenance(stage)
+
+    def dpo(self) -> None:
+        """Only for a run that aligned with DPO (recipe.align dpo or both)."""
+        self.add(f"## {TITLES['dpo']}", "")
+        s = self.run_file("dpo/summary.json")
+        if s:
+            self.add(*table(["figure", "value"], [
+                ["optimizer steps", num(s.get("steps"))],
+                ["held-out loss, first → last", arrow(s.get("first_eval_loss"), s.get("last_eval_loss"))]]))
+        a = self.run_file("dpo/accuracy.json")
+        if a:
+            self.add("Held-out pairs: the implicit reward's accuracy and margin, how far the policy moved each reply's "
+                     "summed log-prob from the SFT model's, and the SFT model's own likelihood preference.", "")
+            rows = [["**overall**", num(a.get("pairs")), "", num(a.get("overall")), num(a.get("margin")),
+                     num(a.get("chosen_logp_change"), 2), num(a.get("rejected_logp_change"), 2),
+                     num(a.get("sft_likelihood"))]]
+            for src, v in sorted((a.get("per_source") or {}).items()):
+                rows.append([f"`{src}`", num(v.get("pairs")), num(v.get("train_pairs")), num(v.get("accuracy")),
+                             num(v.get("margin")), num(v.get("chosen_logp_change"), 2),
+                             num(v.get("rejected_logp_change"), 2), num(v.get("sft_likelihood"))])
+            self.add(*table(["source", "held-out pairs", "training pairs", "accuracy", "margin", "chosen log-prob "
+                             "change", "rejected log-prob change", "SFT likelihood"], rows))
+        self.provenance("dpo")
 
     def ppo(self) -> None:
         self.add("## PPO", "")
@@ -360,6 +386,8 @@ class Page:
             self.causal(stage)
         for stage in ("rm", "judge"):
             self.reward_model(stage)
+        if (self.run / "dpo").is_dir():
+            self.dpo()
         self.ppo()
         self.evaluation()
         return "\n".join(self.lines).rstrip() + "\n"

@@ -110,21 +110,24 @@ def test_bf16_auto_takes_bf16_only_where_the_hardware_computes_it(monkeypatch, c
     assert resolve_bf16(True) is True and resolve_bf16(False) is False  # a setting is kept whatever the hardware
 
 
-def _held_out_loss_of_rank(rank: int, world: int, port: int, rows: dict, results) -> None:
+def _held_out_metrics_of_rank(rank: int, world: int, port: int, rows: dict, results) -> None:
     import torch.distributed as dist
     from types import SimpleNamespace
-    from clinicalgpt.trainer import held_out_loss
+    from clinicalgpt.trainer import held_out_metrics
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    task = SimpleNamespace(loss=lambda engine, batch: (batch["x"].double().mean(), {}, 0))
+    task = SimpleNamespace(loss=lambda engine, batch: (batch["x"].double().mean(), {"top": float(batch["x"].max())}, 0),
+                           metrics=("top",))
     engine = SimpleNamespace(eval=lambda: None, device=torch.device("cpu"))
-    results.put((rank, held_out_loss(engine, task, rows, 2, rank, world)))
+    results.put((rank, held_out_metrics(engine, task, rows, 2, rank, world)))
     dist.destroy_process_group()
 
 
 def test_the_ranks_share_the_held_out_loss_and_each_gets_the_mean_over_every_micro_batch():
     """Nine rows in micro-batches of 2 on two ranks: rank 0 computes batches 0, 2, 4, rank 1 batches 1, 3; both get
-    the mean of the five batch means, (0.5 + 2.5 + 4.5 + 6.5 + 8) / 5 = 4.4, as one rank computing all of them."""
+    the mean of the five batch means, (0.5 + 2.5 + 4.5 + 6.5 + 8) / 5 = 4.4, as one rank computing all of them; and
+    of a metric the task reports beside its loss, the batch maxima: (1 + 3 + 5 + 7 + 8) / 5 = 4.8."""
     results = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    torch.multiprocessing.spawn(_held_out_loss_of_rank, args=(2, free_ports(1)[0], {"x": torch.arange(9)}, results),
+    torch.multiprocessing.spawn(_held_out_metrics_of_rank, args=(2, free_ports(1)[0], {"x": torch.arange(9)}, results),
                                 nprocs=2)
-    assert sorted(results.get() for _ in range(2)) == [(0, pytest.approx(4.4)), (1, pytest.approx(4.4))]
+    expected = {"eval_loss": pytest.approx(4.4), "eval_top": pytest.approx(4.8)}
+    assert sorted(results.get() for _ in range(2)) == [(0, expected), (1, expected)]

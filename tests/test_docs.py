@@ -70,6 +70,12 @@ def test_results_page_from_a_run_folder(tmp_path):
     write(run / "ppo" / "summary.json", {"steps": 20, "first_reward": -1.1672, "last_reward": -0.3362,
                                          "first_eval_reward": -0.6023, "last_eval_reward": 0.0688,
                                          "last_eval_kl": 4.7545, "samples_per_s": 5.659})
+    write(run / "dpo" / "accuracy.json", {"overall": 0.5812, "margin": 0.0423, "chosen_logp_change": -1.25,
+                                          "rejected_logp_change": -3.5, "sft_likelihood": 0.4913, "pairs": 664,
+                                          "per_source": {"constructed/kg_wrong_kind": {
+                                              "accuracy": 0.6507, "margin": 0.0812, "chosen_logp_change": -0.5,
+                                              "rejected_logp_change": -2.75, "sft_likelihood": 0.5311, "pairs": 209,
+                                              "train_pairs": 1690}}})
     write(run / "eval" / "results.json", {"models": ["sft", "ppo"], "items": {"exam": 400},
                                           "families": {"exam": {"sft": {"accuracy": 0.1825}, "ppo": {"accuracy": 0.1725}},
                                                        "qa": {"ppo vs sft": {"win": 0.5, "tie": 0.17, "lose": 0.33}}}})
@@ -81,8 +87,10 @@ def test_results_page_from_a_run_folder(tmp_path):
     for figure in ("9.047 → 6.538", "554 s", "303 s", "3,001 s", "2026-12-05 08:05 UTC", "`abcdef1234`",
                    "Linux, x86_64, 2 cores, 8 GiB, no GPU", "`python jobs/pretrain.py preset=tiny`", "pretrain 7",
                    "0.649", "0.526", "0.510", "`constructed/kg_swap`", "0.553", "-1.167 → -0.336",
-                   "-0.602 → 0.069", "4.75", "5.66", "0.182", "0.172", "ppo vs sft", "0.50"):
+                   "-0.602 → 0.069", "4.75", "5.66", "0.182", "0.172", "ppo vs sft", "0.50",
+                   "| `constructed/kg_wrong_kind` | 209 | 1,690 | 0.651 | 0.081 | -0.50 | -2.75 | 0.531 |"):
         assert figure in page, figure
+    assert "## DPO" in page and "`dpo/summary.json`: not recorded." in page
     assert "| ppo | 261 s (rerun alone, after the recipe) |" in page and "| sft | 303 s |" in page
     assert "[curves.png](results/pretrain-curves.png)" in page
     assert (tmp_path / "docs" / "results" / "pretrain-curves.png").exists()
@@ -104,4 +112,5 @@ def test_results_page_from_an_older_run_without_lineage(tmp_path):
     page = out.read_text(encoding="utf-8")
     assert "6.618 → 6.229" in page
     assert "| command | not recorded |" in page and "| total time | not recorded |" in page
+    assert "## DPO" not in page and "| dpo |" not in page  # a run that did not align with DPO
     assert "| sft | not recorded | not recorded | not recorded | not recorded |" in page

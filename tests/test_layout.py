@@ -72,6 +72,8 @@ RUNS_ON_THE_CLUSTER = {
     "clinicalgpt/reward_model.py:RewardTask.build_model": "Ray Train worker",
     "clinicalgpt/trainer.py:train_loop": "Ray Train worker",
     "clinicalgpt/reward_model.py:pair_scores": "ray.remote(pair_scores)",
+    "clinicalgpt/dpo.py:DpoTask.build_model": "Ray Train worker",
+    "clinicalgpt/dpo.py:scoring_model": "ray.remote(policy_logprobs)",  # and in ReferenceLogprobs, a Ray Data actor
     "clinicalgpt/serving.py:merge_adapter": "ray.remote(merge_adapter)",
     "jobs/bootstrap.py:base_model_check": "ray.remote(base_model_check)",
     "clinicalgpt/plan.py:Model.parameters": "PyTorch's meta device: parameter shapes, no weights, no memory",
