@@ -32,8 +32,8 @@ def stages(cfg: Config) -> list[str]:
     """The stages the recipe runs: after SFT, the alignment paths of recipe.align (PPO with its reward model, DPO),
     and the evaluation's judge where the evaluation judges with it."""
     aligned = ALIGNMENTS[cfg.recipe.align]
-    skipped = ({"rm", "ppo"} - set(aligned)) | ({"dpo"} - set(aligned)) | (set() if trains_judge(cfg) else {"judge"})
-    return [s for s in STAGES if s not in skipped]
+    skipped = (set() if "ppo" in aligned else {"rm", "ppo"}) | (set() if "dpo" in aligned else {"dpo"})
+    return [s for s in STAGES if s not in skipped and (s != "judge" or trains_judge(cfg))]
 
 
 def main(argv: list[str]) -> None:
