@@ -50,9 +50,9 @@ def preference_loss(policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[
     return -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z), chosen, rejected
 
 
-def pair_logprobs(model, pairs: dict[str, np.ndarray], pad_id: int, device: str, batch_size: int = 32) -> np.ndarray:
+def pair_logprobs(model, pairs: dict[str, np.ndarray], pad_id: int, device: str, batch_size: int) -> np.ndarray:
     """[pairs, 2]: the summed log-prob of the chosen (column 0) and rejected reply under a causal LM, in batches of
-    pairs of about one length (reply_logprobs then trims most padding)."""
+    batch_size pairs of about one length (reply_logprobs then trims most padding)."""
     out = np.zeros((len(pairs["chosen_ids"]), 2))
     lengths = np.maximum((pairs["chosen_ids"] != pad_id).sum(1), (pairs["rejected_ids"] != pad_id).sum(1))
     order = np.argsort(lengths, kind="stable")
@@ -80,12 +80,13 @@ class ReferenceLogprobs:
     """Ray Data callable: tokenized pairs -> the same pairs with ref_chosen_logp and ref_rejected_logp, the frozen
     SFT model's summed log-probs of each reply (one model per actor, on the actor's GPU where it has one)."""
 
-    def __init__(self, model_dir: str, dtype: str, bf16: bool | None, pad_id: int, max_len: int):
+    def __init__(self, model_dir: str, dtype: str, bf16: bool | None, pad_id: int, max_len: int, batch_size: int):
         self.model, self.device = scoring_model(model_dir, dtype, bf16)
-        self.pad_id, self.max_len = pad_id, max_len
+        self.pad_id, self.max_len, self.batch_size = pad_id, max_len, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        logps = pair_logprobs(self.model, padded(batch, self.pad_id, self.max_len), self.pad_id, self.device)
+        logps = pair_logprobs(self.model, padded(batch, self.pad_id, self.max_len), self.pad_id, self.device,
+                              self.batch_size)
         return (batch.append_column("ref_chosen_logp", pa.array(logps[:, 0], pa.float32()))
                 .append_column("ref_rejected_logp", pa.array(logps[:, 1], pa.float32())))
 
@@ -107,8 +108,9 @@ def with_reference(cfg: Config, settings: DPOConfig, source: str, pairs: pa.Tabl
                                     sort_keys=[("n", "ascending")])
         ordered, blocks = pairs.take(by_length), 8 * settings.num_workers
         bounds = [i * ordered.num_rows // blocks for i in range(blocks + 1)]
+        # A forward pass of micro_batch pairs, as in training (on a GPU: the memory the plan counts).
         model = {"model_dir": source, "dtype": cfg.model.dtype, "bf16": settings.bf16, "pad_id": pad_id,
-                 "max_len": cfg.seq.max_len}
+                 "max_len": cfg.seq.max_len, "batch_size": settings.micro_batch}
         scored = ray.data.from_arrow([ordered.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]).map_batches(
             ReferenceLogprobs, fn_constructor_kwargs=model, batch_format="pyarrow", batch_size=64,
             concurrency=settings.num_workers,
@@ -168,11 +170,11 @@ class DpoTask(Task):
         export_hf(model, cfg, out, adapter_dir=out.parent / "adapter")
 
 
-def policy_logprobs(model_dir: str, pairs: dict[str, np.ndarray], pad_id: int, dtype: str,
-                    bf16: bool | None) -> np.ndarray:
+def policy_logprobs(model_dir: str, pairs: dict[str, np.ndarray], pad_id: int, dtype: str, bf16: bool | None,
+                    batch_size: int) -> np.ndarray:
     """pair_logprobs under the exported model; run_dpo_stage runs it as Ray tasks on the stage's worker resources."""
     model, device = scoring_model(model_dir, dtype, bf16)
-    return pair_logprobs(model, pairs, pad_id, device)
+    return pair_logprobs(model, pairs, pad_id, device, batch_size)
 
 
 def held_out_accuracy(policy: np.ndarray, held_out: dict[str, np.ndarray], settings: DPOConfig) -> dict:
@@ -251,11 +253,11 @@ def run_dpo_stage(cfg: Config, source: str, argv: list[str]) -> dict:
     shards = [by_length[i::settings.num_workers] for i in range(settings.num_workers)]
     task = ray.remote(policy_logprobs).options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker)
     scored = ray.get([task.remote(str(out / "final"), {k: v[rows] for k, v in held_out.items() if k != "source"},
-                                  pad_id, cfg.model.dtype, settings.bf16) for rows in shards])
+                                  pad_id, cfg.model.dtype, settings.bf16, settings.micro_batch) for rows in shards])
     policy = np.empty((len(by_length), 2))
     policy[np.concatenate(shards)] = np.concatenate(scored)
     if settings.loss == "simpo":  # no reference pass: the SFT model's log-probs for the report, on the held-out pairs
-        reference = ray.get(task.remote(source, held_out, pad_id, cfg.model.dtype, settings.bf16))
+        reference = ray.get(task.remote(source, held_out, pad_id, cfg.model.dtype, settings.bf16, settings.micro_batch))
         held_out["ref_chosen_logp"], held_out["ref_rejected_logp"] = reference[:, 0], reference[:, 1]
     accuracy = held_out_accuracy(policy, held_out, settings)
     for name, row in accuracy["per_source"].items():

@@ -30,7 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from . import rl
-from .config import Config, EngineConfig, LoraSettings, RoleConfig
+from .config import ALIGNMENTS, Config, EngineConfig, LoraSettings, RoleConfig
 from .modeling import apply_lora, pushed_tensors
 from .reward_functions import parse_reward
 from .reward_model import stage_config, trains_judge
@@ -56,6 +56,8 @@ DRIVERS = {
     "sft": "Ray Train's controller, the Ray Data stream's plan, eval_rows held-out rows",
     "rm": "Ray Train's controller, the pairs (a few MB); held-out accuracy: a Ray task on a worker's resources",
     "judge": "as rm's",
+    "dpo": "Ray Train's controller, the pairs with their reference log-probs (a few MB); the reference pass and the "
+           "held-out report: Ray Data actors and Ray tasks on the workers' resources",
     "ppo": "the controller: prompts, tokenizer, a step's experience; weights go learner -> engines, not via the driver",
     "eval": "the items, tokenizers and answers, the judge's scores",
     "serve": "the application's builder; a serve.adapter is merged by a Ray task on a replica's resources",
@@ -219,18 +221,27 @@ def training_workers(cfg: Config, stage: str, model: Model, cluster: Cluster) ->
     train_cfg = stage_config(cfg, stage) if stage in ("rm", "judge") else getattr(cfg, stage)
     resources = scaling_config(train_cfg).resources_per_worker
     gpus = resources.get("GPU", 0.0)
-    dtype = "bfloat16" if train_cfg.bf16 or (train_cfg.bf16 is None and gpus) else cfg.model.dtype  # auto: GPUs have bf16
+    dtype = training_dtype(cfg, train_cfg)
     w, shards, classifier = DTYPE_BYTES[dtype], train_cfg.min_workers or train_cfg.num_workers, stage in ("rm", "judge")
     counts = model.parameters(classifier, train_cfg.lora)
-    rows, tokens = train_cfg.micro_batch * (2 if classifier else 1), cfg.seq.max_len  # rm: chosen and rejected at once
+    pairs = stage in ("rm", "judge", "dpo")  # chosen and rejected at once
+    rows, tokens = train_cfg.micro_batch * (2 if pairs else 1), cfg.seq.max_len
+    # DPO's logits: the reply positions only, a reply at most half a row (reward_model.TokenizePairs).
+    positions = tokens // 2 if stage == "dpo" else tokens
     memory = {"weights": counts["all"] * w, "gradients": counts["trainable"] * w / shards,
               "optimizer": counts["trainable"] * 12 / shards,
               "activations": model.activations(rows, tokens, w, train_cfg.gradient_checkpointing),
-              "logits": 0.0 if classifier else model.logits(rows, tokens, w), "runtime": runtime(gpus)}
+              "logits": 0.0 if classifier else model.logits(rows, positions, w), "runtime": runtime(gpus)}
     trained = f"LoRA, {counts['trainable'] / 1e6:.1f} M trainable" if train_cfg.lora.enabled else "all parameters"
     return Actor(stage, "worker", train_cfg.num_workers, resources["CPU"], gpus, dtype, in_gb(memory),
                  cluster.budget_gb(gpus), ZERO_STAGE, train_cfg.gradient_checkpointing, device_env(gpus),
                  f"{trained}; micro-batch {rows} x {tokens} tokens")
+
+
+def training_dtype(cfg: Config, train_cfg) -> str:
+    """What a training stage computes in: bf16 when set, or left to the hardware (auto) on GPUs, which have it."""
+    gpus = train_cfg.gpus_per_worker
+    return "bfloat16" if train_cfg.bf16 or (train_cfg.bf16 is None and gpus) else cfg.model.dtype
 
 
 def engine_actors(stage: str, role_name: str, role: RoleConfig, engine: EngineConfig, model: Model, dtype: str,
@@ -298,9 +309,17 @@ def ppo_actors(cfg: Config, model: Model, cluster: Cluster) -> list[Actor]:
 
 def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     model = Model(model_config(cfg))
-    stages = ["pretrain", "sft", "rm"] + (["judge"] if trains_judge(cfg) else [])
+    aligned = ALIGNMENTS[cfg.recipe.align]
+    stages = ["pretrain", "sft", *(["rm"] if "ppo" in aligned else []), *(["judge"] if trains_judge(cfg) else [])]
     actors = [training_workers(cfg, stage, model, cluster) for stage in stages]
-    actors += ppo_actors(cfg, model, cluster)
+    if "dpo" in aligned:  # the reference pass (dpo.ReferenceLogprobs, pairs of micro_batch a forward), then training
+        dpo = cfg.dpo
+        role = RoleConfig(num=dpo.num_workers, cpus=dpo.cpus_per_worker, gpus=dpo.gpus_per_worker)
+        actors += [scoring_actors("dpo reference", "reference", role, model, training_dtype(cfg, dpo),
+                                  2 * dpo.micro_batch, cfg.seq.max_len, cfg.seq.max_len // 2, False, cluster),
+                   training_workers(cfg, "dpo", model, cluster)]
+    if "ppo" in aligned:
+        actors += ppo_actors(cfg, model, cluster)
     actors.append(engine_actors("eval", "rollout", cfg.eval.rollout, cfg.eval.engine, model, cfg.model.dtype,
                                 cfg.seq.max_len, cluster))
     if cfg.eval.judge == "reward_model":  # once the engines have gone: a stage of its own
@@ -318,7 +337,8 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
             problems.append(f"{stage} {why}")
     push = model.parameters(False, cfg.ppo.lora)["pushed"] * DTYPE_BYTES[cfg.model.dtype] / GB
     return Plan(cfg.preset, cfg.model.path or cfg.model_path, model.parameters()["all"], str(cluster),
-                cluster.gpu_memory_gb, actors, weight_sync_mode(cfg), round(push, 2), DRIVERS, problems)
+                cluster.gpu_memory_gb, actors, weight_sync_mode(cfg), round(push, 2),
+                {s: what for s, what in DRIVERS.items() if s in {a.stage.split()[0] for a in actors}}, problems)
 
 
 def place(demands: list[tuple[str, float]], cluster: Cluster) -> str:

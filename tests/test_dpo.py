@@ -101,7 +101,7 @@ def test_pair_log_probs_are_each_replys_summed_token_log_probs(model_and_pairs):
 
 def test_the_task_loss_is_log_2_at_its_reference_and_a_step_on_it_raises_the_chosen_reply(model_and_pairs):
     model, pad, pairs = model_and_pairs
-    reference = dpo.pair_logprobs(model, pairs, pad, "cpu")
+    reference = dpo.pair_logprobs(model, pairs, pad, "cpu", batch_size=2)
     batch = {k: torch.as_tensor(v) for k, v in pairs.items()}
     batch["ref_chosen_logp"], batch["ref_rejected_logp"] = (torch.as_tensor(reference[:, i]) for i in (0, 1))
     task = dpo.DpoTask("unused", pad, DPOConfig(beta=0.5))
@@ -183,5 +183,5 @@ def test_dpo_starts_at_its_reference_learns_and_reports_the_implicit_reward_per_
     assert kept.stat().st_mtime_ns == built and scored.num_rows == selected.num_rows
     some = reward_model.padded(scored.slice(0, 3), pad, cfg.seq.max_len)
     sft, device = dpo.scoring_model(str(cfg.stage_dir("sft") / "final"), cfg.model.dtype, run.dpo.bf16)
-    again = dpo.pair_logprobs(sft, some, pad, device)  # in the same precision, in batches of other widths
+    again = dpo.pair_logprobs(sft, some, pad, device, batch_size=3)  # the same precision, batches of other widths
     np.testing.assert_allclose(again, np.stack([some["ref_chosen_logp"], some["ref_rejected_logp"]], 1), rtol=1e-2)

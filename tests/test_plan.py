@@ -81,6 +81,10 @@ def test_the_7b_presets_fit_80_gb_gpus(preset, cluster, tmp_path, capsys):
     for actor in result["actors"]:
         assert actor["gpus"] > 0 and actor["total_gb"] <= actor["budget_gb"], actor
     assert set(result["drivers"]) == {"pretrain", "sft", "rm", "judge", "ppo", "eval", "serve"}
+    # Both alignment paths: DPO's reference pass and workers too, each on its GPUs within its budget.
+    both = plan.main([f"preset={preset}", f"cluster={cluster}", "recipe.align=both"])
+    assert both["problems"] == [] and {a["stage"] for a in both["actors"]} == stages | {"dpo reference", "dpo"}
+    assert all(a["gpus"] > 0 and a["total_gb"] <= a["budget_gb"] for a in both["actors"]) and "dpo" in both["drivers"]
 
 
 def test_the_reviewed_setting_needs_over_100_gb_and_is_refused():
