@@ -98,6 +98,7 @@ def measure_trl(cfg: Config, source: str, train, held_out, warmup: int, steps: i
             per_device_train_batch_size=dpo.micro_batch, per_device_eval_batch_size=dpo.micro_batch,
             gradient_accumulation_steps=max(1, dpo.global_batch // dpo.micro_batch),  # same pairs per step
             precompute_ref_log_probs=True, gradient_checkpointing=False, bf16=resolve_bf16(dpo.bf16),
+            use_cpu=not torch.cuda.is_available(),  # transformers' Trainer takes bf16 on a CPU only when told
             include_num_input_tokens_seen="non_padding", eval_strategy="no", save_strategy="no", report_to="none",
             disable_tqdm=True)
         started = time.time()

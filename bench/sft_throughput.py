@@ -116,6 +116,7 @@ def measure_trl(cfg: Config, source: str, chats: list[list[dict]], labels: list[
             gradient_accumulation_steps=max(1, sft.global_batch // sft.micro_batch),  # same sequences per step
             max_length=cfg.seq.max_len, assistant_only_loss=True, packing=packing,
             gradient_checkpointing=False, bf16=resolve_bf16(sft.bf16),  # TRL defaults True for both; ours as its workers resolve it
+            use_cpu=not torch.cuda.is_available(),  # transformers' Trainer takes bf16 on a CPU only when told
             include_num_input_tokens_seen="non_padding", save_strategy="no", report_to="none", disable_tqdm=True)
         trainer = SFTTrainer(model=apply_lora(load_model(source, cfg.model.dtype), sft.lora), args=args,
                              train_dataset=Dataset.from_list([{"messages": c} for c in chats]),
