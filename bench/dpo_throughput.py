@@ -110,7 +110,7 @@ def measure_trl(cfg: Config, source: str, train, held_out, warmup: int, steps: i
         wall = time.time() - started
     (t0, n0), (t1, n1) = clock.marks[warmup - 1], clock.marks[-1]
     row = result_row("TRL DPOTrainer, precomputed reference log-probs", len(clock.marks) - warmup, n1 - n0, t1 - t0)
-    return row, {"reference_pairs": train.num_rows + held_out.num_rows,
+    return row, {"reference_pairs": len(trainer.train_dataset) + len(trainer.eval_dataset),  # what TRL kept of them
                  "reference_seconds": round(trainer.reference_seconds, 1),
                  "set_up_seconds": round(set_up, 1), "training_seconds": round(wall - set_up, 1)}
 

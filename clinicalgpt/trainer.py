@@ -255,9 +255,15 @@ def _save_checkpoint(engine, state: dict, logged: dict, rank: int) -> None:
         ray.train.report(logged, checkpoint=Checkpoint.from_directory(d))
 
 
-# Exported to Prometheus as ray_clinicalgpt_train_<name>{stage=...} (monitoring/grafana-dashboard.json).
+# Exported to Prometheus as ray_clinicalgpt_train_<name>{stage=...} (monitoring/grafana-dashboard.json); the stages
+# on preference pairs add theirs (Task.metrics: rm and judge accuracy; DPO accuracy, margin, reply log-probs).
 METRICS = {"loss": "training loss", "eval_loss": "held-out loss", "tokens_per_s": "training throughput",
-           "step": "optimizer step"}
+           "step": "optimizer step", "accuracy": "pairwise (rm, judge) or implicit-reward (dpo) accuracy",
+           "eval_accuracy": "held-out pairwise or implicit-reward accuracy", "margin": "DPO implicit-reward margin",
+           "eval_margin": "held-out DPO implicit-reward margin",
+           "chosen_logp": "DPO policy's mean log-prob per token of the chosen replies",
+           "rejected_logp": "DPO policy's mean log-prob per token of the rejected replies",
+           "eval_chosen_logp": "the same, held-out", "eval_rejected_logp": "the same, held-out"}
 
 
 def _ray_metrics(stage: str) -> dict:

@@ -4,6 +4,7 @@ jobs/dpo.py from the session's SFT model."""
 
 import json
 import math
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,9 @@ from clinicalgpt import dpo, reward_model
 from clinicalgpt.config import DPOConfig, ModelConfig, load_config
 from clinicalgpt.modeling import build_config
 from clinicalgpt.tokenizer import load_tokenizer, train_tokenizer
-from conftest import history, stage_args
+from conftest import history, scrape_metrics, stage_args
+
+DPO_METRICS = {f"ray_clinicalgpt_train_{m}" for m in ("margin", "eval_accuracy", "chosen_logp", "eval_rejected_logp")}
 
 # Summed log-probs of one pair: the policy's and the reference's, chosen first; the replies are 2 and 4 tokens long.
 POLICY, REFERENCE, LENGTHS = (-10.0, -12.0), (-11.0, -11.0), (2.0, 4.0)
@@ -148,7 +151,14 @@ def test_dpo_starts_at_its_reference_learns_and_reports_the_implicit_reward_per_
     shares = [f"dpo.pair_fractions.{source}=0.01" for source in sorted(set(pairs.column("source").to_pylist()))]
     argv = [f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", *shares,
             *stage_args("dpo", 12, lr=2e-3, eval_every=6)]
+    # Meanwhile the node's metrics endpoint serves DPO's figures beside the loss.
+    scraped = {}
+    scraper = threading.Thread(target=lambda: scraped.update(scrape_metrics(DPO_METRICS, timeout=300)))
+    scraper.start()
     summary = dpo_job.main(argv)
+    scraper.join()
+    assert DPO_METRICS <= set(scraped), scraped
+    assert {s.labels["stage"] for s in scraped["ray_clinicalgpt_train_margin"]} == {"dpo"}
     rows = history(cfg, "dpo")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert rows[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-3)
