@@ -27,6 +27,7 @@ from .modeling import apply_lora, load_model, zero_dropout
 from .reward_model import length_groups, padded, read_pairs, reply_logprobs, training_pairs
 from .trainer import Task, export_hf
 
+
 def preference_loss(policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor] | None,
                     reply_len: tuple[torch.Tensor, torch.Tensor], settings: DPOConfig):
     """Per pair: (loss, chosen reward, rejected reward), from the summed log-probs of the chosen and rejected replies
