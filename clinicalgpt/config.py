@@ -20,6 +20,7 @@ STAGE_MODELS = ("pretrain", "sft", "rm", "judge", "ppo", "dpo")
 # recipe.align: the alignment stages the recipe runs after SFT (and evaluates beside pretrain and SFT).
 ALIGNMENTS = {"ppo": ["ppo"], "dpo": ["dpo"], "both": ["dpo", "ppo"]}
 DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+RECIPE_STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "dpo", "ppo", "eval"]
 
 
 @dataclass
@@ -408,6 +409,15 @@ class Config:
     @property
     def model_path(self) -> str:
         return self.model.path or str(self.run_dir / "base")
+
+    def recipe_stages(self) -> list[str]:
+        """The stages the recipe runs (jobs/recipe.py): after SFT, the alignment paths of recipe.align (PPO with its
+        reward model, DPO), and the evaluation's judge (jobs/judge.py) where it is the evaluation's judge."""
+        aligned = ALIGNMENTS[self.recipe.align]
+        skipped = (set() if "ppo" in aligned else {"rm", "ppo"}) | (set() if "dpo" in aligned else {"dpo"})
+        if not (self.eval.judge == "reward_model" and self.eval.judge_reward_model == "judge"):
+            skipped.add("judge")
+        return [s for s in RECIPE_STAGES if s not in skipped]
 
     def stage_model(self, name: str) -> str:
         """A stage's exported model (pretrain, sft, rm, judge, ppo), or `name` itself as a model folder or hub name."""

@@ -30,10 +30,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from . import rl
-from .config import ALIGNMENTS, Config, EngineConfig, LoraSettings, RoleConfig
+from .config import Config, EngineConfig, LoraSettings, RoleConfig
 from .modeling import apply_lora, pushed_tensors
 from .reward_functions import parse_reward
-from .reward_model import stage_config, trains_judge
+from .reward_model import stage_config
 from .runtime import device_env
 from .trainer import ZERO_STAGE, scaling_config
 
@@ -309,16 +309,15 @@ def ppo_actors(cfg: Config, model: Model, cluster: Cluster) -> list[Actor]:
 
 def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     model = Model(model_config(cfg))
-    aligned = ALIGNMENTS[cfg.recipe.align]
-    stages = ["pretrain", "sft", *(["rm"] if "ppo" in aligned else []), *(["judge"] if trains_judge(cfg) else [])]
-    actors = [training_workers(cfg, stage, model, cluster) for stage in stages]
-    if "dpo" in aligned:  # the reference pass (dpo.ReferenceLogprobs, pairs of micro_batch a forward), then training
+    stages = cfg.recipe_stages()
+    actors = [training_workers(cfg, s, model, cluster) for s in stages if s in ("pretrain", "sft", "rm", "judge")]
+    if "dpo" in stages:  # the reference pass (dpo.ReferenceLogprobs, pairs of micro_batch a forward), then training
         dpo = cfg.dpo
         role = RoleConfig(num=dpo.num_workers, cpus=dpo.cpus_per_worker, gpus=dpo.gpus_per_worker)
         actors += [scoring_actors("dpo reference", "reference", role, model, training_dtype(cfg, dpo),
                                   2 * dpo.micro_batch, cfg.seq.max_len, cfg.seq.max_len // 2, False, cluster),
                    training_workers(cfg, "dpo", model, cluster)]
-    if "ppo" in aligned:
+    if "ppo" in stages:
         actors += ppo_actors(cfg, model, cluster)
     actors.append(engine_actors("eval", "rollout", cfg.eval.rollout, cfg.eval.engine, model, cfg.model.dtype,
                                 cfg.seq.max_len, cluster))

@@ -159,11 +159,6 @@ def stage_config(cfg: Config, stage: str) -> TrainConfig:
     return dataclasses.replace(cfg.rm, pair_half=3 - cfg.rm.pair_half, seed=cfg.rm.seed + 1)
 
 
-def trains_judge(cfg: Config) -> bool:
-    """Whether the recipe trains the evaluation's judge (jobs/judge.py): the evaluation's default judge."""
-    return cfg.eval.judge == "reward_model" and cfg.eval.judge_reward_model == "judge"
-
-
 def pair_dataset(cfg: Config) -> ray.data.Dataset:
     """All pairs, train and test, as one stream of (prompt, chosen, rejected, source, split): the preference
     records' and those constructed from the KG and exam training records, of what the data file has."""

@@ -19,21 +19,11 @@ from pathlib import Path
 
 import ray
 
-from clinicalgpt.config import ALIGNMENTS, Config, load_config
+from clinicalgpt.config import Config, load_config
 from clinicalgpt.lineage import git_commit, iso
-from clinicalgpt.reward_model import trains_judge
 from clinicalgpt.runtime import init_ray
 
 JOBS = Path(__file__).resolve().parent
-STAGES = ["data", "bootstrap", "pretrain", "sft", "rm", "judge", "dpo", "ppo", "eval"]
-
-
-def stages(cfg: Config) -> list[str]:
-    """The stages the recipe runs: after SFT, the alignment paths of recipe.align (PPO with its reward model, DPO),
-    and the evaluation's judge where the evaluation judges with it."""
-    aligned = ALIGNMENTS[cfg.recipe.align]
-    skipped = (set() if "ppo" in aligned else {"rm", "ppo"}) | (set() if "dpo" in aligned else {"dpo"})
-    return [s for s in STAGES if s not in skipped and (s != "judge" or trains_judge(cfg))]
 
 
 def main(argv: list[str]) -> None:
@@ -42,7 +32,7 @@ def main(argv: list[str]) -> None:
     init_ray(cfg)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     timings = {}
-    for stage in stages(cfg):
+    for stage in cfg.recipe_stages():
         print(f"\n===== {stage} =====", flush=True)
         started = time.time()
         done = subprocess.run([sys.executable, str(JOBS / f"{stage}.py"), *argv], env=env)
@@ -96,7 +86,7 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
         for pair, v in fam.get(family, {}).items():
             print(f"  eval {family} {pair}: win {v['win']:.2f} tie {v['tie']:.2f} lose {v['lose']:.2f}")
     print(f"  evaluation report: {cfg.stage_dir('eval') / 'report.md'}")
-    for stage in stages(cfg):
+    for stage in cfg.recipe_stages():
         if (cfg.stage_dir(stage) / "curves.png").exists():
             print(f"  curves {stage:8s} {cfg.stage_dir(stage) / 'curves.png'}")
     print(f"  lineage (commit, config, versions): <stage>/lineage.json; the recipe's: {cfg.run_dir / 'recipe.json'}")

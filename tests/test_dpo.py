@@ -63,12 +63,11 @@ def test_an_unknown_loss_or_alignment_is_refused():
 
 
 def test_the_recipe_runs_the_alignment_stages_it_is_asked_for():
-    from jobs.recipe import stages
     first = ["data", "bootstrap", "pretrain", "sft"]
-    assert stages(load_config([])) == [*first, "rm", "judge", "ppo", "eval"]
-    assert stages(load_config(["recipe.align=dpo"])) == [*first, "judge", "dpo", "eval"]
-    assert stages(load_config(["recipe.align=both"])) == [*first, "rm", "judge", "dpo", "ppo", "eval"]
-    assert stages(load_config(["recipe.align=dpo", "eval.judge=openai"])) == [*first, "dpo", "eval"]
+    assert load_config([]).recipe_stages() == [*first, "rm", "judge", "ppo", "eval"]
+    assert load_config(["recipe.align=dpo"]).recipe_stages() == [*first, "judge", "dpo", "eval"]
+    assert load_config(["recipe.align=both"]).recipe_stages() == [*first, "rm", "judge", "dpo", "ppo", "eval"]
+    assert load_config(["recipe.align=dpo", "eval.judge=openai"]).recipe_stages() == [*first, "dpo", "eval"]
 
 
 @pytest.fixture(scope="module", params=["qwen2", "bloom"])
