@@ -420,7 +420,8 @@ class Config:
         return [s for s in RECIPE_STAGES if s not in skipped]
 
     def stage_model(self, name: str) -> str:
-        """A stage's exported model (pretrain, sft, rm, judge, ppo), or `name` itself as a model folder or hub name."""
+        """A stage's exported model (pretrain, sft, rm, judge, ppo, dpo), or `name` itself as a model folder or hub
+        name."""
         if name in STAGE_MODELS:
             path = self.stage_dir(name) / "final"
             if not (path / "config.json").exists():
