@@ -51,7 +51,10 @@ def test_manifest_reports_counts_tokens_and_skips(built):
     assert kinds <= set(pairs["test"]) and kinds <= set(pairs["train"]), pairs
     assert sum(pairs["train"].values()) > sum(pairs["test"].values()) > 500
     assert "## Reward-model pairs" in (cfg.data_dir / "manifest.md").read_text()
-    assert manifest["peak_memory_gb"] < 4.0
+    # The session's whole process tree (pytest, the session's cluster and the job's workers): 3.72-4.05 GB at the same
+    # data code on 2026-12-05 (3.75 GB run alone as a user runs it, with its own cluster); 2.8-3.2 when the bound of
+    # 4.0 was set, before the token counts and the reward-model pairs joined the job.
+    assert manifest["peak_memory_gb"] < 4.5
 
 
 def test_no_evaluation_item_appears_in_any_training_set(built):
