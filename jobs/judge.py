@@ -19,11 +19,9 @@ from clinicalgpt.runtime import init_ray
 def main(argv: list[str]) -> dict:
     cfg = load_config(argv)
     stage_config(cfg, "judge")  # refuses before anything starts when the pairs are not split
-    source = cfg.stage_dir("sft") / "final"
-    if not (source / "config.json").exists():
-        raise SystemExit(f"no SFT model at {source}: run jobs/sft.py preset={cfg.preset} first")
+    source = cfg.stage_model("sft")  # refuses, saying what to run, when there is none yet
     init_ray(cfg)
-    summary = run_reward_stage(cfg, str(source), argv, stage="judge")
+    summary = run_reward_stage(cfg, source, argv, stage="judge")
     print(f"[judge] done: pairwise accuracy {summary['accuracy']:.3f}; model -> {summary['model']}")
     return summary
 

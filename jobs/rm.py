@@ -19,11 +19,9 @@ from clinicalgpt.runtime import init_ray
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(argv)
-    source = cfg.stage_dir("sft") / "final"
-    if not (source / "config.json").exists():
-        raise SystemExit(f"no SFT model at {source}: run jobs/sft.py preset={cfg.preset} first")
+    source = cfg.stage_model("sft")  # refuses, saying what to run, when there is none yet
     init_ray(cfg)
-    summary = run_reward_stage(cfg, str(source), argv)
+    summary = run_reward_stage(cfg, source, argv)
     print(f"[rm] done: held-out loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}, "
           f"pairwise accuracy {summary['accuracy']:.3f}; model -> {summary['model']}")
     return summary
