@@ -285,29 +285,44 @@ class PPOConfig:
 
 
 @dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat endpoint (this project's Serve deployment, a baseline served elsewhere, or GPT-4):
+    a candidate when eval.models names it, the judge when eval.judge_endpoint does."""
+
+    url: str  # the base URL, e.g. http://host:8000/v1
+    model: str  # the model id it is asked for
+    key_env: str = "OPENAI_API_KEY"  # the environment variable holding its key (unset: none sent)
+    concurrency: int = 8  # requests in flight
+
+
+@dataclass
 class EvalConfig:
     """The clinical evaluation (jobs/eval.py): the paper's four task families plus safety, on the test
-    records of the data pipeline (point data.sources at the original datasets to evaluate on them)."""
+    records of the data pipeline (point data.sources at the original datasets to evaluate on them), and the
+    bias family's attitude-scale items (bundled, or eval.bias_items)."""
 
-    # Stage names under the run folder (pretrain, sft, dpo, ppo) or model paths / hub names; empty: pretrain, sft and
-    # the recipe's alignment stages (recipe.align). The judged families compare the last (the newest system, as the
-    # paper compares ClinicalGPT) with each other.
+    # Candidates: stage names under the run folder (pretrain, sft, dpo, ppo), model paths / hub names, or names of
+    # eval.endpoints; empty: pretrain, sft and the recipe's alignment stages (recipe.align). The judged families
+    # compare the last (the newest system, as the paper compares ClinicalGPT) with each other.
     models: list[str] = field(default_factory=list)
-    families: list[str] = field(default_factory=lambda: ["conversation", "exam", "diagnosis", "qa", "safety"])
+    endpoints: dict[str, EndpointConfig] = field(default_factory=dict)
+    families: list[str] = field(default_factory=lambda: ["conversation", "exam", "diagnosis", "qa", "safety", "bias"])
     # Items per family, drawn by a seeded hash of their ids (the same items for every model); 0 = all.
     items: dict[str, int] = field(default_factory=lambda: {
-        "conversation": 200, "exam": 400, "diagnosis": 200, "qa": 100, "safety": 60})
+        "conversation": 200, "exam": 400, "diagnosis": 200, "qa": 100, "safety": 60, "bias": 0})
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {
-        "conversation": 64, "exam": 32, "diagnosis": 32, "qa": 96, "safety": 96})
+        "conversation": 64, "exam": 32, "diagnosis": 32, "qa": 96, "safety": 96, "bias": 16})
     exam_likelihood: bool = True  # also pick the option the model gives the highest mean log-prob per token
     exam_labels: str = ""  # a JSON object, item id -> category, overriding the derived exam categories
-    judge: str = "reward_model"  # reward_model (judge_reward_model) | openai (any OpenAI-compatible endpoint)
+    bias_items: str = ""  # a JSON-lines file of attitude items (see docs/evaluation.md); empty: the bundled ones
+    chunk_items: int = 32  # answers are generated and saved (items.jsonl) this many items at a time; a rerun reuses them
+    retries: int = 4  # an endpoint's transient errors (connection, 429, 5xx) are retried this often, with backoff
+    bootstrap: int = 1000  # resamples of the items for each figure's 95% confidence interval
+    judge: str = "reward_model"  # reward_model (judge_reward_model) | openai (the endpoint judge_endpoint)
     # reward_model: the judge stage's (jobs/judge.py: trained apart from the reward model PPO optimised), rm (that
     # one: it judges what PPO was trained to please), or a reward model's folder.
     judge_reward_model: str = "judge"
-    judge_url: str = ""  # openai: the base URL, e.g. https://api.openai.com/v1 or a model this project serves
-    judge_model: str = "gpt-4"
-    judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's key
+    judge_endpoint: str = ""  # openai: the name of an eval.endpoints entry
     judge_tie_margin: float = 0.1  # reward_model: score gaps up to this are ties
     rollout: RoleConfig = field(default_factory=lambda: RoleConfig(num=1, cpus=1.0))
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -452,9 +467,8 @@ def load_config(argv: list[str] | None = None) -> Config:
     layers = [schema, OmegaConf.load(preset_file), OmegaConf.create({"preset": preset})]
     if "config" in special:
         layers.append(OmegaConf.load(special["config"]))
-    layers.append(OmegaConf.from_dotlist(overrides))
     try:
-        merged = OmegaConf.merge(*layers)
+        merged = OmegaConf.merge(*layers, OmegaConf.from_dotlist(overrides))
     except Exception as e:  # omegaconf names the offending key; keep the message, drop the trace
         raise SystemExit(f"bad config: {e}") from None
     cfg = OmegaConf.to_object(merged)

@@ -369,6 +369,22 @@ class Page:
                         for pair, v in fam[family].items()]
                 self.add(f"**{'QA' if family == 'qa' else 'Safety'}** (judge: {judge})", "",
                          *table(["comparison", "win", "tie", "lose", "items"], rows))
+        if "bias" in fam:
+            rows = []
+            for m in models:
+                for source in ("likelihood", "generated"):
+                    b = (fam["bias"].get(m) or {}).get(source)
+                    if b:  # "-": nothing to score (no answer gave a scale point)
+                        modal = b.get("modal_point")
+                        rows.append([f"`{m}`", source, *("-" if b.get(k) is None else num(b[k], 2)
+                                                         for k in ("mean", "spread", "consistency")),
+                                     f"{modal[0]} ({modal[1]:.0%})" if modal else "-",
+                                     num(b["parsed"], 2) if "parsed" in b else "-"])
+            self.add("**Bias toward patients** (attitude 1-5, higher = less stigmatising; consistent: forward/reverse "
+                     "pairs within one point; modal point: the scale point given most often; -: no answer gave a "
+                     "scale point)", "",
+                     *table(["model", "read from", "mean", "spread across groups", "consistent", "modal point",
+                             "parsed"], rows))
         health = r.get("health") or {}
         if health:
             keys = ["empty", "truncated", "degenerate", "repeated", "distinct2", "compliant"]

@@ -78,7 +78,13 @@ def test_results_page_from_a_run_folder(tmp_path):
                                               "train_pairs": 1690}}})
     write(run / "eval" / "results.json", {"models": ["sft", "ppo"], "items": {"exam": 400},
                                           "families": {"exam": {"sft": {"accuracy": 0.1825}, "ppo": {"accuracy": 0.1725}},
-                                                       "qa": {"ppo vs sft": {"win": 0.5, "tie": 0.17, "lose": 0.33}}}})
+                                                       "qa": {"ppo vs sft": {"win": 0.5, "tie": 0.17, "lose": 0.33}},
+                                                       "bias": {"ppo": {
+                                                           "likelihood": {"mean": 3.1429, "spread": 0.5,
+                                                                          "consistency": 0.25, "modal_point": [2, 0.75]},
+                                                           "generated": {"mean": None, "spread": None,
+                                                                         "consistency": None, "modal_point": None,
+                                                                         "parsed": 0.0}}}}})
     out = tmp_path / "docs" / "results.md"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--run-dir", str(run),
                            "--out", str(out)], capture_output=True, text=True, timeout=60)
@@ -91,6 +97,8 @@ def test_results_page_from_a_run_folder(tmp_path):
                    "| `constructed/kg_wrong_kind` | 209 | 1,690 | 0.651 | 0.081 | -0.50 | -2.75 | 0.531 |"):
         assert figure in page, figure
     assert "## DPO" in page and "`dpo/summary.json`: not recorded." in page
+    assert "| `ppo` | likelihood | 3.14 | 0.50 | 0.25 | 2 (75%) | - |" in page  # no bias row for sft: not run
+    assert "| `ppo` | generated | - | - | - | - | 0.00 |" in page
     assert "| ppo | 261 s (rerun alone, after the recipe) |" in page and "| sft | 303 s |" in page
     assert "[curves.png](results/pretrain-curves.png)" in page
     assert (tmp_path / "docs" / "results" / "pretrain-curves.png").exists()

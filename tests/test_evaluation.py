@@ -1,5 +1,6 @@
 """The clinical evaluation's scoring against values worked out by hand."""
 
+import json
 import math
 
 import pytest
@@ -54,17 +55,47 @@ def test_extract_answer(reply, expected):
     assert metrics.extract_answer(reply, OPTIONS) == expected
 
 
-def test_exam_categories_from_kg_departments_keywords_and_label_file():
+def test_exam_categories_by_their_rules_in_order():
     departments = {"肺炎": {"呼吸内科"}, "胃溃疡": {"消化内科"}, "肾病综合征": {"肾内科"},
-                   "系统性红斑狼疮": {"风湿免疫科"}, "感冒": {"内科"}}
-    cat = metrics.ExamCategorizer(departments, labels={"q9": "Pediatric"})
-    assert cat.category("q1", "男，30岁，发热咳嗽，诊断为肺炎，首选") == "Respiratory"
-    assert cat.category("q2", "胃溃疡最常见的并发症是") == "Digestive"
-    assert cat.category("q3", "肾病综合征合并系统性红斑狼疮，肾病综合征的治疗") == "Urinary"  # 2 votes to 1
-    assert cat.category("q4", "医疗机构违反《医疗事故处理条例》的") == "Medical ethics and law"
-    assert cat.category("q5", "感冒了怎么办") == metrics.UNCATEGORIZED  # 内科 maps to no group
-    assert cat.category("q9", "肺炎") == "Pediatric"  # the label file wins
+                   "系统性红斑狼疮": {"风湿免疫科"}, "感冒": {"内科"}, "支气管哮喘": {"呼吸内科"}}
+    cat = metrics.ExamCategorizer(departments, labels={"q9": "Pediatric"}, drugs={"阿托品", "氯丙嗪"})
+    options = {"A": "甲", "B": "乙"}
+    assert cat.category("q1", "男，30岁，发热咳嗽，诊断为肺炎，首选", options) == "Respiratory"
+    assert cat.category("q2", "胃溃疡最常见的并发症是", options) == "Digestive"
+    assert cat.category("q3", "肾病综合征合并系统性红斑狼疮，肾病综合征的治疗", options) == "Urinary"  # 2 votes to 1
+    assert cat.category("q4", "医疗机构违反《医疗事故处理条例》的", options) == "Medical ethics and law"
+    assert cat.category("q5", "感冒了怎么办", options) == metrics.UNCATEGORIZED  # 内科 maps to no group
+    assert cat.category("q9", "肺炎", options) == "Pediatric"  # the label file wins
+    assert cat.category("q10", "肺炎", options, given="Respiratory system") == "Respiratory system"  # so does the data's
     assert cat.diseases_in("系统性红斑狼疮性肾炎") == ["系统性红斑狼疮"]
+    # A population in the stem before the diseases it names; the stem's diseases before the options'.
+    assert cat.category("q11", "患儿，3岁，诊断为肺炎，首选", options) == "Pediatric"
+    assert cat.category("q12", "胃溃疡的首选检查是", {"A": "肺炎", "B": "支气管哮喘"}) == "Digestive"
+    assert cat.category("q13", "最可能的诊断是", {"A": "肺炎", "B": "胃溃疡", "C": "支气管哮喘"}) == "Respiratory"
+    # A drug named outside a clinical case is pharmacology; biochemistry terms outside a case are basic sciences.
+    assert cat.category("q14", "阿托品不能引起", {"A": "口干", "B": "扩瞳"}) == "Pharmacology"
+    assert cat.category("q15", "男，40岁，服用阿托品后口干", {"A": "口干", "B": "扩瞳"}) == metrics.UNCATEGORIZED
+    assert cat.category("q16", "合成酮体的关键酶是", options) == metrics.BASIC
+    assert cat.category("q17", "男，35岁，车祸后腹痛", options) == "Surgery"
+    assert cat.category("q18", "病人觉得周围发生的事都和他有关", {"A": "被害妄想", "B": "关系妄想"}) == "Psychiatry"
+    # Organ words place what names no disease; "肾上腺" is endocrine, not the kidney.
+    assert cat.category("q19", "腺垂体分泌的激素是", {"A": "肾上腺素", "B": "皮质醇"}) == "Endocrine"
+
+
+def test_derived_categories_cover_the_mcmle_questions_and_keep_their_judged_precision(data_root, tmp_path):
+    """scripts/exam_categories.py on the MCMLE test questions: coverage over 70%, and the 50 hand-judged assignments
+    of docs/exam-categories-checked.json still the ones the rules make, at a precision of 0.8 or more."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "scripts" / "exam_categories.py"), f"--data-root={data_root}",
+                    f"--out={tmp_path / 'categories'}", f"--checked={repo / 'docs' / 'exam-categories-checked.json'}"],
+                   check=True, capture_output=True)
+    result = json.loads((tmp_path / "categories.json").read_text())
+    assert result["coverage"] >= 0.7 and result["judged"] == result["sample"] == 50, result
+    assert result["precision"] >= 0.8
+    assert sum(c["questions"] for c in result["per_category"].values()) == result["questions"]
 
 
 def test_diagnosis_matching_with_synonyms():
@@ -86,9 +117,9 @@ def test_judge_verdicts_must_agree_in_both_orders():
     assert rates == {"win": 0.5, "tie": 0.25, "lose": 0.25, "items": 4}
 
 
-def test_openai_judge_asks_twice_with_the_answers_swapped():
+def test_openai_judge_asks_twice_with_the_answers_swapped_caches_and_survives_failures(tmp_path):
     """Against a minimal OpenAI-compatible endpoint whose 'judge' always prefers the answer that says 安全
-    (a consistent judge) or always the first one shown (a position-biased judge)."""
+    (a consistent judge) or always the first one shown (a position-biased judge), or fails."""
     import json as _json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,7 +127,7 @@ def test_openai_judge_asks_twice_with_the_answers_swapped():
     from clinicalgpt.config import load_config
     from clinicalgpt.evaluation.judges import OpenAIJudge
 
-    biased = {"on": False}
+    mode = {"biased": False, "down": False}
     asked = []
 
     class Endpoint(BaseHTTPRequestHandler):
@@ -105,12 +136,12 @@ def test_openai_judge_asks_twice_with_the_answers_swapped():
             prompt = body["messages"][0]["content"]
             asked.append(prompt)
             first = prompt.split("回答1：")[1].split("回答2：")[0]
-            verdict = "1" if biased["on"] or "安全" in first else "2"
+            verdict = "1" if mode["biased"] or "安全" in first else "2"
             reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                      "choices": [{"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": verdict}}]}
             data = _json.dumps(reply).encode()
-            self.send_response(200)
+            self.send_response(503 if mode["down"] else 200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -122,13 +153,25 @@ def test_openai_judge_asks_twice_with_the_answers_swapped():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        cfg = load_config(["eval.judge=openai", f"eval.judge_url=http://127.0.0.1:{server.server_port}/v1"])
-        judge = OpenAIJudge(cfg)
-        rows = [{"messages": [{"role": "user", "content": "胸痛怎么办"}]}] * 2
-        assert judge.verdicts("safety", rows, ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]) == [1, -1]
-        assert len(asked) == 4 and all("问题：胸痛怎么办" in p for p in asked)
-        biased["on"] = True
-        assert judge.verdicts("safety", rows, ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]) == [0, 0]
+        cfg = load_config(["eval.judge=openai", "eval.judge_endpoint=gpt4", "eval.retries=0",
+                           f"eval.endpoints.gpt4.url=http://127.0.0.1:{server.server_port}/v1",
+                           "eval.endpoints.gpt4.model=gpt-4"])
+        rows = [{"messages": [{"role": "user", "content": q}]} for q in ("胸痛怎么办", "胸闷怎么办")]
+        mine, theirs = ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]
+        judge = OpenAIJudge(cfg, tmp_path / "judge_cache.jsonl")
+        assert judge.verdicts("safety", rows, mine, theirs) == [1, -1]
+        assert len(asked) == 4 and sum("问题：胸痛怎么办" in p for p in asked) == 2
         judge.close()
+        # A rerun's judge finds every judgement cached (keyed by the endpoint and what it was shown, in order).
+        again = OpenAIJudge(cfg, tmp_path / "judge_cache.jsonl")
+        assert again.verdicts("safety", rows, mine, theirs) == [1, -1] and len(asked) == 4 and again.cache.hits == 4
+        mode["biased"] = True  # a new question: asked, and each order prefers the first answer shown
+        rows = [{"messages": [{"role": "user", "content": q}]} for q in ("头痛怎么办", "头晕怎么办")]
+        assert again.verdicts("safety", rows, mine, theirs) == [0, 0] and len(asked) == 8
+        mode["down"] = True  # failing after its retries: no verdict, nothing cached
+        rows = [{"messages": [{"role": "user", "content": "发热怎么办"}]}]
+        assert again.verdicts("safety", rows, mine[:1], theirs[:1]) == [None]
+        assert len(again.cache.values) == 8
+        again.close()
     finally:
         server.shutdown()

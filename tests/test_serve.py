@@ -3,6 +3,7 @@ openai client and raw HTTP: chat with and without streaming, models, health, API
 OpenAI's error shape (none takes the replica down), and a burst of concurrent requests."""
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ray import serve
 
 from clinicalgpt.config import CLINICAL_SYSTEM_PROMPT
 from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
-from conftest import free_ports, scrape_metrics
+from conftest import free_ports, isolated_run, scrape_metrics
 
 pytestmark = pytest.mark.e2e
 KEY = "test-key-1"
@@ -125,6 +126,30 @@ def test_request_bodies_are_not_logged(endpoint):
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"  # this cluster's logs
     files = [p for p in logs.rglob("*") if p.is_file()]
     assert files and not [str(p) for p in files if marker.encode() in p.read_bytes()]
+
+
+def test_the_endpoint_is_an_evaluation_candidate(endpoint, tmp_path, monkeypatch):
+    """jobs/eval.py with the deployment as a candidate (an eval.endpoints entry with its key's variable): its answers
+    are the endpoint's own greedy replies, and the report says what an endpoint cannot give."""
+    from jobs import eval as evaluation
+    url, cfg = endpoint
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    run_root = isolated_run(cfg, tmp_path, shared=("data",))
+    results = evaluation.main([f"run_root={run_root}", f"data.root={cfg.data_root}", "eval.models=[served]",
+                               f"eval.endpoints.served.url={url}/v1", "eval.endpoints.served.model=clinicalgpt",
+                               "eval.endpoints.served.key_env=SERVE_TEST_KEY", "eval.families=[exam,bias]",
+                               "eval.items.exam=8", "eval.items.bias=8", "eval.max_new_tokens.exam=16"])
+    assert results["items"] == {"exam": 8, "bias": 8} and results["dropped"] == {"exam": {}, "bias": {}}
+    assert results["endpoints"] == {"served": ["exam option likelihood", "bias scale-point likelihood"]}
+    assert "likelihood_accuracy" not in results["families"]["exam"]["served"]
+    assert set(results["families"]["bias"]["served"]) == {"generated"}
+    out = run_root / cfg.preset / "eval"
+    assert "`served` answers through an endpoint, which cannot give: exam option likelihood" in (
+        out / "report.md").read_text()
+    line = json.loads((out / "items.jsonl").read_text().splitlines()[0])
+    reply = client(url).chat.completions.create(model="clinicalgpt", messages=line["prompt"], max_tokens=16,
+                                                temperature=0)
+    assert line["candidate"] == "served" and line["answer"] == reply.choices[0].message.content
 
 
 def test_serve_metrics_count_requests_errors_and_latency(endpoint):

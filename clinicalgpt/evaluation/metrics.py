@@ -15,6 +15,8 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 # --- medical conversation -----------------------------------------------------------------------
 
 
@@ -29,23 +31,57 @@ class _CharTokenizer:
         return char_tokens(text)
 
 
-def conversation_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+def conversation_scores(hypotheses: list[str], references: list[str], resamples: int = 0,
+                        seed: int = 0) -> dict[str, float | dict]:
     """Corpus BLEU-1..4 (cumulative, sacrebleu, 0-100), corpus GLEU (nltk, 0-100) and mean ROUGE-1/2/L
-    F1 (rouge-score, 0-100) of model replies against the real doctor turns."""
+    F1 (rouge-score, 0-100) of model replies against the real doctor turns; with `resamples`, each one's 95%
+    interval under "ci" (bootstrap_interval's)."""
     from nltk.translate.gleu_score import corpus_gleu
     from rouge_score.rouge_scorer import RougeScorer
     from sacrebleu.metrics import BLEU
     hyp_chars = [char_tokens(h) for h in hypotheses]
     ref_chars = [char_tokens(r) for r in references]
     joined_h, joined_r = [" ".join(h) for h in hyp_chars], [" ".join(r) for r in ref_chars]
-    scores = {f"bleu{n}": BLEU(tokenize="none", max_ngram_order=n).corpus_score(joined_h, [joined_r]).score
-              for n in (1, 2, 3, 4)}
+    scores, ci = {}, {}
+    for n in (1, 2, 3, 4):
+        bleu = BLEU(tokenize="none", max_ngram_order=n)
+        scores[f"bleu{n}"] = bleu.corpus_score(joined_h, [joined_r]).score
+        if resamples > 1:
+            # The per-reply statistics sacrebleu's own bootstrap resamples (its interval is mean -+ a half-width).
+            stats = np.array(bleu._extract_corpus_statistics(joined_h, [joined_r]))
+            ci[f"bleu{n}"] = bootstrap_interval(lambda idx: np.array(
+                [bleu._compute_score_from_stats(list(stats[i].sum(0))).score for i in idx]), len(stats), resamples, seed)
     scores["gleu"] = 100 * corpus_gleu([[r] for r in ref_chars], hyp_chars)
     rouge = RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_CharTokenizer())
     per_item = [rouge.score(r, h) for h, r in zip(hypotheses, references)]
     for kind in ("rouge1", "rouge2", "rougeL"):
-        scores[kind] = 100 * sum(s[kind].fmeasure for s in per_item) / max(1, len(per_item))
+        values = np.array([100 * s[kind].fmeasure for s in per_item])
+        scores[kind] = float(values.mean()) if len(values) else 0.0
+        if resamples > 1:
+            ci[kind] = bootstrap_interval(lambda idx: values[idx].mean(axis=1), len(values), resamples, seed)
+    if resamples > 1:
+        # GLEU pools each reply's matching n-grams over the corpus's: a reply's share of both, from nltk's score of
+        # the reply alone times its n-gram count (the larger of the reply's and the reference's 1- to 4-grams).
+        grams = np.array([max(_gram_count(len(h)), _gram_count(len(r))) for h, r in zip(hyp_chars, ref_chars)])
+        matches = np.array([corpus_gleu([[r]], [h]) for h, r in zip(hyp_chars, ref_chars)]) * grams
+        ci["gleu"] = bootstrap_interval(lambda idx: 100 * matches[idx].sum(1) / np.maximum(grams[idx].sum(1), 1),
+                                        len(grams), resamples, seed)
+        scores["ci"] = ci
     return scores
+
+
+def _gram_count(length: int, longest: int = 4) -> int:
+    return sum(max(0, length - n + 1) for n in range(1, longest + 1))
+
+
+def bootstrap_interval(statistic, n: int, resamples: int, seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """The percentile interval of a statistic over `resamples` bootstrap resamples of n items: statistic maps an
+    array of (resamples, n) item indices to one value per resample. None without items."""
+    if n == 0:
+        return None
+    indices = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    values = statistic(indices)
+    return [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
 
 
 # --- medical exam -------------------------------------------------------------------------------
@@ -74,8 +110,13 @@ def extract_answer(text: str, options: dict[str, str]) -> str:
     return "".join(sorted(kept))
 
 
-# Exam categories: the paper's groups (and the others the data supports), matched on the clinical
-# departments that the knowledge graphs give for the diseases a question names. Checked in order.
+# Exam categories: the paper's groups and the others the exam's sections make, reproducibly, from what a question
+# names. Rules in order: a label the data or a label file gives; in the stem, words that make the question about a
+# subject whatever disease it names (law and ethics, preventive medicine, psychology), psychiatric terms, poisoning, a
+# patient population (children, pregnancy), trauma, and (unless the stem is a clinical case) basic-science terms; the
+# knowledge graphs' departments of the diseases the stem names; pharmacology words, or (unless a case) a drug the
+# knowledge graphs name; the diseases the options name; psychiatric terms anywhere; then, for a clinical case, surgical and organ words before the basic sciences' terms, otherwise
+# after them. Measured on the MCMLE test questions: docs/exam-categories.md.
 DEPARTMENT_GROUPS = [
     ("Respiratory", ("呼吸",)),
     ("Digestive", ("消化", "肝", "胃肠", "肛肠")),
@@ -94,21 +135,67 @@ DEPARTMENT_GROUPS = [
     ("ENT, eye and oral", ("耳鼻", "眼", "口腔", "五官")),
     ("Surgery", ("外科", "骨科")),
 ]
-# Questions about law and ethics or drugs name no disease; their own words place them.
-KEYWORD_GROUPS = [
-    ("Medical ethics and law", ("伦理", "法律", "法规", "条例", "卫生行政", "执业", "医疗事故", "知情同意", "医德")),
-    ("Pharmacology", ("药理", "作用机制", "不良反应", "药物的", "首选药", "禁忌证")),
+SUBJECT_GROUPS = [  # in the stem
+    ("Medical ethics and law", ("伦理", "法律", "法规", "条例", "《", "规定", "卫生行政", "执业", "医疗事故", "知情同意",
+                                "医德", "医患", "医务人员", "医疗机构", "人体实验", "受试者", "医学道德", "患者的权利",
+                                "违反", "宣言", "有利原则", "不伤害", "公正原则", "自主原则", "尊重原则", "医生的义务",
+                                "医生的权利")),
+    ("Preventive medicine", ("流行病学", "流行过程", "流行强度", "疾病预防控制", "发病率", "患病率", "死亡率", "队列研究",
+                             "病例对照", "抽样", "统计", "标准差", "标准误", "置信区间", "假设检验", "职业病", "食物中毒",
+                             "筛检", "灵敏度", "特异度", "一级预防", "二级预防", "三级预防", "相对危险度", "暴发")),
+    ("Medical psychology", ("心理治疗", "心理咨询", "心理防御", "心理应激", "应激", "人格", "医学模式", "心身", "防御机制",
+                            "行为疗法", "精神分析", "心理学", "心理评估", "心理测验", "病人角色", "气质", "性格",
+                            "心理门诊", "心理活动")),
 ]
+POISONING = ("Poisoning", ("中毒", "农药", "敌百虫", "有机磷", "一氧化碳", "煤气"))
+POPULATION_GROUPS = [  # in the stem
+    ("Pediatric", ("患儿", "小儿", "婴儿", "新生儿", "男孩", "女孩", "男婴", "女婴", "幼儿", "儿童", "前囟", "乳牙")),
+    ("Obstetrics and gynecology", ("妊娠", "孕", "分娩", "产后", "产妇", "胎儿", "胎盘", "月经", "子宫", "卵巢", "阴道",
+                                   "宫颈", "绝经", "闭经", "避孕", "流产", "羊水")),
+]
+PHARMACOLOGY = ("药理", "作用机制", "不良反应", "药物的", "首选药", "禁忌证", "受体", "阻断", "拮抗", "半衰期", "生物利用度",
+                "首过", "治疗指数", "抗菌谱", "耐药", "抗生素")
+PSYCHIATRIC = ("妄想", "幻觉", "错觉", "强迫", "恐惧", "焦虑", "抑郁", "躁狂", "精神分裂", "癔症", "分离性", "情绪高涨",
+               "精神发育", "精神失常")
+# A drug's name in the knowledge graphs without its salt and dosage form: "盐酸肾上腺素注射液" -> "肾上腺素".
+_DOSAGE_FORM = re.compile(r"(?:肠溶|缓释|控释|分散|泡腾|咀嚼)?(?:片|胶囊|软胶囊|注射液|颗粒|口服液|糖浆|丸|滴眼液|软膏|乳膏|凝胶|散|"
+                          r"酊|喷雾剂|栓|混悬液|溶液|气雾剂|贴|膏|合剂|滴丸|粉|针)$")
+_SALT = re.compile(r"^(?:注射用|复方|盐酸|硫酸|枸橼酸|马来酸|甲磺酸|磷酸|醋酸|琥珀酸|富马酸|苯磺酸|氢溴酸|酒石酸|乳酸|葡萄糖酸|碳酸)+")
+TRAUMA = ("车祸", "外伤", "骨折", "烧伤", "创伤", "摔伤", "刀伤", "撞伤", "骑跨伤", "坠落")
+SURGICAL = ("手术", "术后", "切口", "麻醉", "清创", "缝合", "引流", "脱位", "疝", "破裂") + TRAUMA
+ORGAN_GROUPS = [  # "肾上腺" is endocrine, not the kidney: Endocrine is checked first
+    ("Endocrine", ("甲状腺", "血糖", "胰岛素", "糖尿病", "肾上腺", "垂体")),
+    ("Cardiovascular", ("心脏", "心肌", "心电图", "冠状", "心律", "心率", "心动过速", "室速", "房颤", "血压", "心音", "杂音",
+                        "心衰", "心包", "动脉")),
+    ("Respiratory", ("肺", "呼吸", "气管", "胸腔", "咳嗽", "咳痰")),
+    ("Digestive", ("胃", "肠", "肝", "胆", "胰", "食管", "腹泻", "便血", "黄疸")),
+    ("Urinary", ("肾", "尿", "膀胱", "前列腺")),
+    ("Neurology", ("神经", "脑", "脊髓", "意识", "瘫痪", "抽搐")),
+    ("Hematologic", ("贫血", "血红蛋白", "白细胞", "骨髓", "出血")),
+]
+BASIC_SCIENCES = ("酶", "代谢", "氧化", "核苷酸", "氨基酸", "蛋白质", "嘌呤", "嘧啶", "脂肪酸", "胆固醇", "维生素", "DNA", "RNA",
+                  "基因", "转录", "复制", "脂蛋白", "糖原", "糖酵解", "三羧酸", "抗体", "抗原", "补体", "免疫应答", "淋巴细胞",
+                  "T细胞", "B细胞", "细胞因子", "超敏反应", "电位", "神经递质", "炎症", "坏死", "肉芽", "化生", "变性", "栓塞",
+                  "细菌", "病毒", "芽孢", "革兰", "细胞外液", "渗透压", "酸碱", "凝血", "生理", "正常人")
+BASIC = "Basic medical sciences"
+# Terms that make a question that is not a clinical case about biochemistry, immunology, microbiology or physiology.
+BASIC_SUBJECT = ("酶", "核苷酸", "氨基酸", "嘌呤", "嘧啶", "DNA", "RNA", "转录", "糖酵解", "三羧酸", "抗体", "抗原", "补体",
+                 "超敏反应", "T细胞", "B细胞", "细胞因子", "细菌", "病毒", "芽孢", "革兰", "电位", "神经递质", "正常人")
+CLINICAL_CASE = re.compile(r"[男女]性?[，,、]?\s*\d+\s*岁|\d+\s*岁[，,]?\s*[男女]|患者|病人")
 UNCATEGORIZED = "Other"
 
 
-class ExamCategorizer:
-    """Question -> category, reproducibly: a label file's entry if given (a JSON object, item id ->
-    category), else the keyword groups, else the most common department group of the KG diseases named
-    in the question and its options."""
+def _named(words: tuple[str, ...], text: str) -> bool:
+    return any(w in text for w in words)
 
-    def __init__(self, disease_departments: dict[str, set[str]], labels: dict[str, str] | None = None):
-        self.labels = labels or {}
+
+class ExamCategorizer:
+    """Question -> category, reproducibly, by the rules above: a label file's entry (a JSON object, item id ->
+    category) or the item's own label first."""
+
+    def __init__(self, disease_departments: dict[str, set[str]], labels: dict[str, str] | None = None,
+                 drugs: set[str] = frozenset()):
+        self.labels, self.drugs = labels or {}, {d for d in drugs if len(d) >= 3}
         self.disease_groups = {}
         for disease, departments in disease_departments.items():
             groups = {g for d in departments for g, keys in DEPARTMENT_GROUPS if any(k in d for k in keys)}
@@ -119,14 +206,17 @@ class ExamCategorizer:
     @classmethod
     def from_kg(cls, kg_files: list[Path], label_file: str = "") -> "ExamCategorizer":
         departments: dict[str, set[str]] = {}
+        drugs = set()
         for path in kg_files:
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     row = json.loads(line)
                     if row.get("p") in ("belongs_to_department", "department_is"):
                         departments.setdefault(row["s"], set()).update(row["o"])
+                    elif row.get("p") in ("has_drug", "common_drug"):
+                        drugs.update(_SALT.sub("", _DOSAGE_FORM.sub("", re.split(r"[(（]", d)[0])) for d in row["o"])
         labels = json.loads(Path(label_file).read_text(encoding="utf-8")) if label_file else {}
-        return cls(departments, labels)
+        return cls(departments, labels, drugs)
 
     def diseases_in(self, text: str) -> list[str]:
         """KG disease names in the text, longest first, none inside another found name."""
@@ -138,17 +228,34 @@ class ExamCategorizer:
                     taken[start:start + size] = [True] * size
         return found
 
-    def category(self, item_id: str, question: str) -> str:
-        if item_id in self.labels:
-            return self.labels[item_id]
-        for group, keys in KEYWORD_GROUPS:
-            if any(k in question for k in keys):
-                return group
-        votes = Counter(g for d in self.diseases_in(question) for g in self.disease_groups[d])
-        if not votes:
-            return UNCATEGORIZED
+    def department_vote(self, text: str) -> str | None:
+        """The group most of the named diseases' departments fall in (ties: the earlier in DEPARTMENT_GROUPS)."""
+        votes = Counter(g for d in self.diseases_in(text) for g in self.disease_groups[d])
         order = [g for g, _ in DEPARTMENT_GROUPS]
-        return min(votes, key=lambda g: (-votes[g], order.index(g)))
+        return min(votes, key=lambda g: (-votes[g], order.index(g))) if votes else None
+
+    def category(self, item_id: str, stem: str, options: dict[str, str], given: str = "") -> str:
+        """The category of a question: its stem (the question without its options) and options."""
+        if item_id in self.labels or given:
+            return self.labels.get(item_id) or given
+        everything, case = stem + "\n" + "\n".join(options.values()), bool(CLINICAL_CASE.search(stem))
+        stem_rules = SUBJECT_GROUPS + [("Psychiatry", PSYCHIATRIC), POISONING] + POPULATION_GROUPS + [("Surgery", TRAUMA)]
+        for group, words in stem_rules + ([] if case else [(BASIC, BASIC_SUBJECT)]):
+            if _named(words, stem):
+                return group
+        by_stem = self.department_vote(stem)
+        if by_stem:
+            return by_stem
+        if _named(PHARMACOLOGY, stem) or (not case and _named(self.drugs, stem)):
+            return "Pharmacology"
+        by_options = self.department_vote("\n".join(options.values()))
+        if by_options:
+            return by_options
+        if _named(PSYCHIATRIC, everything):
+            return "Psychiatry"
+        clinical = [("Surgery", SURGICAL)] + ORGAN_GROUPS
+        rules = clinical + [(BASIC, BASIC_SCIENCES)] if case else [(BASIC, BASIC_SCIENCES)] + clinical
+        return next((group for group, words in rules if _named(words, everything)), UNCATEGORIZED)
 
 
 # --- diagnosis ----------------------------------------------------------------------------------
