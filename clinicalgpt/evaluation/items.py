@@ -122,15 +122,16 @@ class AnswerStore:
         self.file.close()
 
 
-def chunk_key(cfg: Config, candidate: Candidate, family: str, chunk: list[dict]) -> str:
-    settings = {"candidate": candidate.fingerprint(), "family": family, "ids": [r["id"] for r in chunk],
+def chunk_key(cfg: Config, fingerprint: str, family: str, chunk: list[dict]) -> str:
+    """What a chunk's answers depend on: the candidate (its fingerprint), the generation settings and the items."""
+    settings = {"candidate": fingerprint, "family": family, "ids": [r["id"] for r in chunk],
                 "max_new_tokens": cfg.eval.max_new_tokens[family], "max_len": cfg.seq.max_len, "seed": cfg.eval.seed,
                 "dtype": cfg.model.dtype, "chat_template": cfg.model.chat_template,
                 "engine": cfg.eval.engine.vllm_args(), "choices": [r.get("choices", {}) for r in chunk]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-Job = tuple[str, list[dict]]  # a chunk to answer: its family and items
+Job = tuple[str, list[dict], str]  # a chunk to answer: its family, items and key
 
 
 def answer(cfg: Config, candidate: Candidate, items: dict[str, list[dict]], store: AnswerStore,
@@ -138,43 +139,39 @@ def answer(cfg: Config, candidate: Candidate, items: dict[str, list[dict]], stor
     """The candidate's answer to every item, family -> a dict per item (answer, truncated, choice_logprobs where it
     has them, error when an endpoint failed it after its retries); and how many were reused from the store.
     engines_for() starts or loads the local model's engines, only when a chunk is missing."""
-    size, answers, jobs, reused = cfg.eval.chunk_items, {}, [], 0
-    for family, rows in items.items():
-        answers[family] = []
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            key = chunk_key(cfg, candidate, family, chunk)
-            cached = store.get(key, [r["id"] for r in chunk])
-            answers[family].append(cached or key)
-            reused += len(chunk) if cached else 0
-            if not cached:
-                jobs.append((family, chunk))
-    total, todo = sum(map(len, items.values())), sum(len(chunk) for _, chunk in jobs)
-    print(f"[eval] {candidate.name}: {reused} of {total} answers reused from {store.path.name}, {todo} to generate",
-          flush=True)
+    fingerprint, size = candidate.fingerprint(), cfg.eval.chunk_items
+    chunks = [(family, rows[start:start + size]) for family, rows in items.items()
+              for start in range(0, len(rows), size)]
+    chunks = [(family, chunk, chunk_key(cfg, fingerprint, family, chunk)) for family, chunk in chunks]
+    done = {key: rows for _, chunk, key in chunks if (rows := store.get(key, [r["id"] for r in chunk]))}
+    jobs = [job for job in chunks if job[2] not in done]
+    reused, todo = sum(len(chunk) for _, chunk, key in chunks if key in done), sum(len(job[1]) for job in jobs)
+    print(f"[eval] {candidate.name}: {reused} of {reused + todo} answers reused from {store.path.name}, {todo} to "
+          "generate", flush=True)
     if jobs:
         replies = (endpoint_replies(cfg, candidate.endpoint, jobs) if candidate.endpoint
                    else engine_replies(cfg, load_tokenizer(candidate.path, cfg.model.chat_template), engines_for(), jobs))
-        started, done = time.time(), 0
-        for (family, chunk), chunk_replies in replies:
-            key = chunk_key(cfg, candidate, family, chunk)
-            rows = [{"chunk": key, "candidate": candidate.name, "family": family, "id": r["id"], **reply}
-                    for r, reply in zip(chunk, chunk_replies)]
-            if not any("error" in row for row in rows):  # failed requests are asked again by a rerun
-                store.put(key, rows)
-            answers[family] = [rows if part == key else part for part in answers[family]]
-            done += len(chunk)
-            rate = done / (time.time() - started)
-            print(f"[eval] {candidate.name}: {done}/{todo} answers ({family}), {rate:.1f} items/s, "
-                  f"ETA {(todo - done) / rate:.0f}s", flush=True)
-    return {family: [row for part in parts for row in part] for family, parts in answers.items()}, reused
+        started, answered = time.time(), 0
+        for (family, chunk, key), chunk_replies in replies:
+            done[key] = [{"chunk": key, "candidate": candidate.name, "family": family, "id": r["id"], **reply}
+                         for r, reply in zip(chunk, chunk_replies)]
+            if not any("error" in row for row in done[key]):  # failed requests are asked again by a rerun
+                store.put(key, done[key])
+            answered += len(chunk)
+            rate = answered / (time.time() - started)
+            print(f"[eval] {candidate.name}: {answered}/{todo} answers ({family}), {rate:.1f} items/s, "
+                  f"ETA {(todo - answered) / rate:.0f}s", flush=True)
+    answers = {family: [] for family in items}
+    for family, _, key in chunks:
+        answers[family] += done[key]
+    return answers, reused
 
 
 def engine_replies(cfg: Config, tok, engines: list, jobs: list[Job]) -> Iterator[tuple[Job, list[dict]]]:
     """Each chunk's greedy answers (and the mean log-prob per token of each fixed choice) from the rollout engines,
     the chunks spread over them, in the order they finish."""
     pending = {}
-    for k, (family, chunk) in enumerate(jobs):
+    for k, (family, chunk, _) in enumerate(jobs):
         engine = engines[k % len(engines)]
         generated = engine.generate.remote([prompt_ids(tok, r["messages"]) for r in chunk], 1,
                                            cfg.eval.max_new_tokens[family], 0.0, 1.0, cfg.eval.seed, logprobs=False)
@@ -220,7 +217,7 @@ def endpoint_replies(cfg: Config, endpoint: EndpointConfig, jobs: list[Job]) -> 
         return {"answer": choice.message.content or "", "truncated": choice.finish_reason == "length"}
 
     with ThreadPoolExecutor(endpoint.concurrency) as pool:
-        futures = [[pool.submit(ask, family, r) for r in chunk] for family, chunk in jobs]
+        futures = [[pool.submit(ask, family, r) for r in chunk] for family, chunk, _ in jobs]
         for job, chunk_futures in zip(jobs, futures):
             yield job, [f.result() for f in chunk_futures]
     client.close()
