@@ -34,7 +34,8 @@ def markdown_report(results: dict) -> str:
     if "conversation" in fam:
         keys = ["bleu1", "bleu2", "bleu3", "bleu4", "gleu", "rouge1", "rouge2", "rougeL"]
         lines += ["## Medical conversation (Table 2): BLEU, GLEU, ROUGE on characters, 0-100", ""]
-        lines += _table(["model"] + keys, [[n] + [with_ci(fam["conversation"][n][k], fam["conversation"][n]["ci"].get(k), 2)
+        conversation = fam["conversation"]
+        lines += _table(["model"] + keys, [[n] + [with_ci(conversation[n][k], conversation[n]["ci"].get(k), 2)
                                                   for k in keys] for n in names]) + [""]
     if "exam" in fam:
         cats = sorted({c for n in names for c in fam["exam"][n]["per_category"]})
@@ -106,18 +107,18 @@ HEALTH_KEYS = ["empty", "truncated", "degenerate", "repeated", "distinct1", "dis
 
 
 def draw_charts(results: dict, out: Path) -> None:
-    """<family>.png under `out`: bars per model (the exam's chance level, the scale's neutral point dashed), or stacked win / tie / lose bars
-    per comparison for the judged families."""
+    """<family>.png under `out`: bars per model (a dashed line at the exam's chance level, the scale's neutral point),
+    or stacked win / tie / lose bars per comparison for the judged families."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fam, names = results["families"], results["models"]
 
-    def grouped(title: str, labels: list[str], values: dict[str, list[float]], file: str, chance: float = 0,
-                chance_label: str = "chance"):
+    def grouped(title: str, labels: list[str], values: dict[str, list[float]], file: str, level: float = 0,
+                level_label: str = "chance"):
         fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
-        if chance:
-            ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=chance_label)
+        if level:
+            ax.axhline(level, color="gray", linestyle="--", linewidth=1, label=level_label)
         width = 0.8 / len(values)
         for i, (name, ys) in enumerate(values.items()):
             ax.bar(np.arange(len(labels)) + i * width, ys, width, label=name)
@@ -136,7 +137,7 @@ def draw_charts(results: dict, out: Path) -> None:
         cats = sorted({c for n in names for c in fam["exam"][n]["per_category"]})
         grouped("Medical exam accuracy per category", cats + ["average"],
                 {n: [fam["exam"][n]["per_category"].get(c, {}).get("accuracy", 0) for c in cats]
-                 + [fam["exam"][n]["accuracy"]] for n in names}, "exam.png", chance=fam["exam"][names[0]]["chance"])
+                 + [fam["exam"][n]["accuracy"]] for n in names}, "exam.png", level=fam["exam"][names[0]]["chance"])
     if "diagnosis" in fam:
         groups = sorted({g for n in names for g in fam["diagnosis"][n]["per_group"]})
         grouped("Diagnosis accuracy per disease group", groups + ["average"],
@@ -151,7 +152,7 @@ def draw_charts(results: dict, out: Path) -> None:
         source = {n: "likelihood" if "likelihood" in fam["bias"][n] else "generated" for n in names}
         grouped("Attitude toward patients (1-5, higher = less stigmatising)", groups + ["mean"],
                 {f"{n} ({source[n]})": [fam["bias"][n][source[n]]["per_group"].get(g, 0) for g in groups]
-                 + [fam["bias"][n][source[n]]["mean"] or 0] for n in names}, "bias.png", chance=3, chance_label="neutral")
+                 + [fam["bias"][n][source[n]]["mean"] or 0] for n in names}, "bias.png", level=3, level_label="neutral")
     for family in ("qa", "safety"):
         if family in fam:
             comparisons = list(fam[family])
