@@ -348,6 +348,8 @@ class ServeConfig:
     system_prompt: str = CLINICAL_SYSTEM_PROMPT
     max_model_len: int = 512  # prompt plus completion tokens
     max_tokens: int = 256  # the most completion tokens a request may ask for (and the default)
+    max_n: int = 4  # the most completions (n) one request may ask for: each costs a whole generation
+    max_top_logprobs: int = 5  # the most alternatives per token (top_logprobs, prompt_logprobs) a request may ask for
     # API keys: Bearer tokens, from this environment variable and/or one key a line in this file. None: open.
     api_key_env: str = "CLINICALGPT_API_KEY"
     api_key_file: str = ""

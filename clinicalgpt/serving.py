@@ -127,6 +127,14 @@ class ChatRules:
             raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
         return max_tokens or self.settings.max_tokens
 
+    def bound_cost(self, n: int | None, top_logprobs: int | None, prompt_logprobs: int | None) -> None:
+        """What multiplies a request's cost beyond its tokens: completions (n) and the log-probs of alternatives."""
+        if n is not None and not 1 <= n <= self.settings.max_n:
+            raise ApiError(400, f"n must be between 1 and {self.settings.max_n}, got {n}", "n")
+        for name, value in (("top_logprobs", top_logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None and not 0 <= value <= self.settings.max_top_logprobs:
+                raise ApiError(400, f"{name} must be between 0 and {self.settings.max_top_logprobs}, got {value}", name)
+
     def check_length(self, chat: list[dict], max_tokens: int) -> None:
         prompt = len(prompt_ids(self.tok, chat))
         if prompt + max_tokens > self.settings.max_model_len:
@@ -139,6 +147,7 @@ class ChatRules:
         self.check_model(body.model)
         chat = self.conversation(body.messages)
         max_tokens = self.sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p)
+        self.bound_cost(body.n, body.top_logprobs, body.prompt_logprobs)
         self.check_length(chat, max_tokens)
         return body.model_copy(update={"model": self.settings.model_name, "messages": chat, "max_tokens": None,
                                        "max_completion_tokens": max_tokens})

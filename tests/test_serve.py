@@ -83,6 +83,8 @@ BAD = [  # (body, status, words the message must contain)
     ({"model": "clinicalgpt", "messages": [{"role": "user", "content": "头痛" * 600}]}, 400, "token limit"),
     ({"model": "clinicalgpt", "messages": QUESTION, "temperature": 3}, 400, "temperature"),
     ({"model": "clinicalgpt", "messages": QUESTION, "top_p": 0}, 400, "top_p"),
+    ({"model": "clinicalgpt", "messages": QUESTION, "n": 1000}, 400, "n must be"),  # was a 200: 1000 generations
+    ({"model": "clinicalgpt", "messages": QUESTION, "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"),
     ({"model": "gpt-4", "messages": QUESTION}, 404, "not found"),
 ]
 

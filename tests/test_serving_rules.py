@@ -68,6 +68,18 @@ def test_sampling_limits_and_the_default_budget(tokenizer):
         assert refusal(r.sampling, *args).param == param
 
 
+def test_completions_and_log_prob_alternatives_are_bounded(tokenizer):
+    r = rules(tokenizer, max_n=4, max_top_logprobs=5)
+    r.bound_cost(4, 5, 5)
+    r.bound_cost(None, None, None)
+    for args, param in [((1000, None, None), "n"), ((0, None, None), "n"), ((None, 6, None), "top_logprobs"),
+                        ((None, -1, None), "top_logprobs"), ((None, None, 20), "prompt_logprobs")]:
+        error = refusal(r.bound_cost, *args)
+        assert (error.status, error.param) == (400, param)
+    assert refusal(r.prepare, request(n=1000)).param == "n"  # checked on every request
+    assert r.prepare(request(n=2, logprobs=True, top_logprobs=5)).n == 2
+
+
 def test_prompt_and_completion_must_fit_the_model_length(tokenizer):
     r = rules(tokenizer, max_model_len=64)
     chat = r.conversation([{"role": "user", "content": "头痛怎么办"}])
