@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from .config import DPO_LOSSES, Config, DPOConfig
 from .modeling import apply_lora, load_model, zero_dropout
-from .reward_model import length_groups, padded, read_pairs, reply_logprobs, training_pairs
+from .reward_model import (length_balanced_shards, length_groups, padded, read_pairs, reply_logprobs,
+                           training_pairs)
 from .trainer import Task, export_hf
 
 
@@ -249,13 +250,11 @@ def run_dpo_stage(cfg: Config, source: str, argv: list[str]) -> dict:
         raise SystemExit(f"[dpo] training failed: {result.error}")
 
     # Each task scores every num_workers-th held-out pair by length (as much work each), on a worker's resources.
-    by_length = np.argsort((held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1),
-                           kind="stable")
-    shards = [by_length[i::settings.num_workers] for i in range(settings.num_workers)]
+    shards = length_balanced_shards(held_out, pad_id, settings.num_workers)
     task = ray.remote(policy_logprobs).options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker)
     scored = ray.get([task.remote(str(out / "final"), {k: v[rows] for k, v in held_out.items() if k != "source"},
                                   pad_id, cfg.model.dtype, settings.bf16, settings.micro_batch) for rows in shards])
-    policy = np.empty((len(by_length), 2))
+    policy = np.empty((len(held_out["chosen_ids"]), 2))
     policy[np.concatenate(shards)] = np.concatenate(scored)
     if settings.loss == "simpo":  # no reference pass: the SFT model's log-probs for the report, on the held-out pairs
         reference = ray.get(task.remote(source, held_out, pad_id, cfg.model.dtype, settings.bf16, settings.micro_batch))

@@ -436,6 +436,13 @@ def accuracy_table(accuracy: dict, trained_on: Counter) -> list[str]:
     return lines
 
 
+def length_balanced_shards(pairs: dict[str, np.ndarray], pad_id: int, shards: int) -> list[np.ndarray]:
+    """The pairs' indices in `shards` parts of as much work each: every shards-th pair in order of length."""
+    by_length = np.argsort((pairs["chosen_ids"] != pad_id).sum(1) + (pairs["rejected_ids"] != pad_id).sum(1),
+                           kind="stable")
+    return [by_length[i::shards] for i in range(shards)]
+
+
 def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm") -> dict:
     """Train the reward model (stage rm) or the evaluation's judge (stage judge: stage_config) from the SFT model at
     `source` on the pairs (its half, rm.pair_half; each source's share: rm.pair_fractions), measure held-out
@@ -470,9 +477,7 @@ def run_reward_stage(cfg: Config, source: str, argv: list[str], stage: str = "rm
     # pairs; not in the driver (the pairs travel through the object store). Every num_workers-th pair by length to
     # each task: as much work each, so none waits on another. The SFT model's likelihoods are the same for the reward
     # model and the judge: computed once, kept beside the pairs under the SFT model's fingerprint.
-    by_length = np.argsort((held_out["chosen_ids"] != pad_id).sum(1) + (held_out["rejected_ids"] != pad_id).sum(1),
-                           kind="stable")
-    shards = [by_length[i::train_cfg.num_workers] for i in range(train_cfg.num_workers)]
+    shards = length_balanced_shards(held_out, pad_id, train_cfg.num_workers)
     order = np.concatenate(shards)
     liked = pairs_dir / f"sft_likelihood-{files_fingerprint(Path(source))}.npy"
     known = liked.exists()

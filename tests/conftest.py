@@ -3,7 +3,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,35 @@ def scrape_metrics(names: set[str], endpoints: list[str] | None = None, timeout:
             break
         time.sleep(2)
     return found
+
+
+@contextmanager
+def chat_endpoint(answer):
+    """A minimal OpenAI-compatible chat endpoint on a free local port, for the clients of one (evaluation candidates,
+    judges): answer(request body) -> (status, text); a 200 is a chat completion carrying the text, any other status
+    an error in OpenAI's shape. Yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, text = answer(body)
+            reply = ({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                      "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": text}}]} if status == 200
+                     else {"error": {"message": text, "type": "server_error"}})
+            data = json.dumps(reply, ensure_ascii=False).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()

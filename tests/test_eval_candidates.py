@@ -4,7 +4,6 @@ crash, torn lines skipped, failed requests retried or dropped and counted); boot
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from clinicalgpt.evaluation import bias, metrics
 from clinicalgpt.evaluation.items import AnswerStore, Candidate, answer, load_items
 from clinicalgpt.evaluation.run import drop_failed
 from clinicalgpt.evaluation.scoring import score_bias_family, score_judged
+from conftest import chat_endpoint
 
 STATEMENTS = {i["statement"]: i for i in map(json.loads, bias.BUNDLED_ITEMS.read_text(encoding="utf-8").splitlines())}
 STATEMENTS_BY_ID = {i["id"]: s for s, i in STATEMENTS.items()}
@@ -40,35 +40,18 @@ def endpoint():
     state = {"mode": "known", "fail": set(), "fail_once": set(), "requests": 0}
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][-1]["content"]
-            with lock:
-                state["requests"] += 1
-                once = next((s for s in state["fail_once"] if s in prompt), None)
-                state["fail_once"].discard(once)
-            if once or any(s in prompt for s in state["fail"]):
-                return self.send(500, {"error": {"message": "scripted failure", "type": "server_error"}})
-            self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                "role": "assistant", "content": scripted_reply(prompt, state["mode"])}}]})
+    def answer(body):
+        prompt = body["messages"][-1]["content"]
+        with lock:
+            state["requests"] += 1
+            once = next((s for s in state["fail_once"] if s in prompt), None)
+            state["fail_once"].discard(once)
+        if once or any(s in prompt for s in state["fail"]):
+            return 500, "scripted failure"
+        return 200, scripted_reply(prompt, state["mode"])
 
-        def send(self, status, reply):
-            data = json.dumps(reply, ensure_ascii=False).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", state
-    server.shutdown()
+    with chat_endpoint(answer) as url:
+        yield url, state
 
 
 def eval_cfg(url, tmp_path, *extra):

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from clinicalgpt.evaluation import metrics
+from conftest import chat_endpoint
 
 OPTIONS = {"A": "肺炎", "B": "支气管哮喘", "C": "慢性阻塞性肺疾病", "D": "肺结核", "E": "哮喘"}
 
@@ -120,42 +121,21 @@ def test_judge_verdicts_must_agree_in_both_orders():
 def test_openai_judge_asks_twice_with_the_answers_swapped_caches_and_survives_failures(tmp_path):
     """Against a minimal OpenAI-compatible endpoint whose 'judge' always prefers the answer that says 安全
     (a consistent judge) or always the first one shown (a position-biased judge), or fails."""
-    import json as _json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from clinicalgpt.config import load_config
     from clinicalgpt.evaluation.judges import OpenAIJudge
 
     mode = {"biased": False, "down": False}
     asked = []
 
-    class Endpoint(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][0]["content"]
-            asked.append(prompt)
-            first = prompt.split("回答1：")[1].split("回答2：")[0]
-            verdict = "1" if mode["biased"] or "安全" in first else "2"
-            reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": verdict}}]}
-            data = _json.dumps(reply).encode()
-            self.send_response(503 if mode["down"] else 200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def verdict_of(body):
+        prompt = body["messages"][0]["content"]
+        asked.append(prompt)
+        first = prompt.split("回答1：")[1].split("回答2：")[0]
+        return 503 if mode["down"] else 200, "1" if mode["biased"] or "安全" in first else "2"
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with chat_endpoint(verdict_of) as url:
         cfg = load_config(["eval.judge=openai", "eval.judge_endpoint=gpt4", "eval.retries=0",
-                           f"eval.endpoints.gpt4.url=http://127.0.0.1:{server.server_port}/v1",
-                           "eval.endpoints.gpt4.model=gpt-4"])
+                           f"eval.endpoints.gpt4.url={url}", "eval.endpoints.gpt4.model=gpt-4"])
         rows = [{"messages": [{"role": "user", "content": q}]} for q in ("胸痛怎么办", "胸闷怎么办")]
         mine, theirs = ["请及时就医，安全第一", "多喝水"], ["多喝水", "请及时就医，安全第一"]
         judge = OpenAIJudge(cfg, tmp_path / "judge_cache.jsonl")
@@ -173,5 +153,3 @@ def test_openai_judge_asks_twice_with_the_answers_swapped_caches_and_survives_fa
         assert again.verdicts("safety", rows, mine[:1], theirs[:1]) == [None]
         assert len(again.cache.values) == 8
         again.close()
-    finally:
-        server.shutdown()

@@ -88,6 +88,24 @@ def drop_long(cfg: Config, items: dict[str, list[dict]], tokenizers: list) -> di
     return skipped
 
 
+def read_jsonl(path: Path, fields: tuple[str, ...]) -> tuple[list[dict], int]:
+    """The rows of a JSON-lines file that a crash may have cut (absent: none), and how many lines were torn (not
+    JSON objects with `fields`)."""
+    rows, torn = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if all(f in row for f in fields):
+                rows.append(row)
+                continue
+        except (json.JSONDecodeError, TypeError):
+            pass
+        torn += 1
+    return rows, torn
+
+
 class AnswerStore:
     """items.jsonl: a line per candidate and item, appended a whole chunk at a time (flushed and synced to disk) as
     its answers come. Each line names its chunk by a key of everything its answers depend on (the candidate's
@@ -95,18 +113,14 @@ class AnswerStore:
     there. A line torn by a crash is skipped and counted."""
 
     def __init__(self, path: Path):
-        self.path, self.chunks, self.torn = path, {}, 0
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-                self.chunks.setdefault(row["chunk"], {})[row["id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                self.torn += 1
+        self.path, self.chunks = path, {}
+        rows, self.torn = read_jsonl(path, ("chunk", "id"))
+        for row in rows:
+            self.chunks.setdefault(row["chunk"], {})[row["id"]] = row
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
-        if text and not text.endswith("\n"):
-            self.file.write("\n")  # after a torn last line
+        if self.torn:
+            self.file.write("\n")  # a torn last line may lack its newline
 
     def get(self, key: str, ids: list[str]) -> list[dict] | None:
         rows = self.chunks.get(key, {})

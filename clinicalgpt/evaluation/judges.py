@@ -21,7 +21,7 @@ from ..config import Config
 from ..experience import build_batch, split_batch
 from ..packing import files_fingerprint
 from ..tokenizer import load_tokenizer, prompt_ids
-from .items import endpoint_client
+from .items import endpoint_client, read_jsonl
 from .metrics import combine_verdicts
 
 
@@ -30,15 +30,12 @@ class JudgeCache:
     appended to a JSON-lines file as they come."""
 
     def __init__(self, path: Path, judge: str):
-        self.path, self.judge, self.lock, self.values = path, judge, threading.Lock(), {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.values[row["key"]] = row["value"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a line torn by a crash: judged again
-        self.hits = 0
+        self.path, self.judge, self.lock, self.hits = path, judge, threading.Lock(), 0
+        rows, torn = read_jsonl(path, ("key", "value"))  # what a torn line held is judged again
+        self.values = {row["key"]: row["value"] for row in rows}
+        if torn:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")  # a torn last line may lack its newline
 
     def key(self, *shown) -> str:
         return hashlib.sha256(json.dumps([self.judge, *shown], ensure_ascii=False).encode()).hexdigest()

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import Config
 from ..sources import EXAM_INSTRUCTION
 from . import metrics
-from .bias import score_bias
+from .bias import read_answer, score_bias
 from .judges import JUDGES
 
 MIN_GROUP_ITEMS = 5  # diagnosis groups with fewer items are pooled as "Other"
@@ -152,7 +152,6 @@ def score_health(names: list[str], items: dict[str, list[dict]], answers: dict, 
     """candidate -> family -> metrics.output_health of its answers; compliance where a family asks for a format:
     an exam answer names an option letter, a diagnosis answer names a disease of the knowledge graphs, a bias answer
     gives a scale point."""
-    from .bias import read_answer
     health = {}
     for name in names:
         health[name] = {}
