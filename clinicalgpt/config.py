@@ -350,9 +350,20 @@ class ServeConfig:
     max_tokens: int = 256  # the most completion tokens a request may ask for (and the default)
     max_n: int = 4  # the most completions (n) one request may ask for: each costs a whole generation
     max_top_logprobs: int = 5  # the most alternatives per token (top_logprobs, prompt_logprobs) a request may ask for
-    # API keys: Bearer tokens, from this environment variable and/or one key a line in this file. None: open.
+    # API keys: Bearer tokens, from this environment variable and/or one key a line in this file. With none the
+    # endpoint is open, and starts only on a loopback address unless allow_open.
     api_key_env: str = "CLINICALGPT_API_KEY"
     api_key_file: str = ""
+    allow_open: bool = False
+    max_request_bytes: int = 1_000_000  # a larger request body is a 413, refused before it is parsed
+    # Per client (API key, else address), across every ingress replica: a token bucket refilled at
+    # requests_per_minute holding request_burst requests; a request over it is a 429 with Retry-After. 0: no limit.
+    requests_per_minute: int = 0
+    request_burst: int = 10
+    # The audit trail: a JSON line per request (no body) in audit_dir (empty: runs/<preset>/serve/audit), one file
+    # a replica process; API keys appear only as an HMAC keyed with $<audit_key_env> (else a key drawn per deploy).
+    audit_dir: str = ""
+    audit_key_env: str = "CLINICALGPT_AUDIT_KEY"
     cpus: float = 1.0  # per engine replica
     gpus: float = 0.0
     engine: EngineConfig = field(default_factory=EngineConfig)

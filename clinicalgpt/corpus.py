@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .config import Config, SourceSpec
 from .kg_templates import RELATION_KIND, clean_objects
-from .records import RECORD_SCHEMA, Skip, dedup_key, leak_key
+from .records import RECORD_SCHEMA, Skip, dedup_key, leak_key, parse_object
 from .source_files import SUFFIXES, SourceRowsDatasource, row_count, source_files
 from .sources import INVERSE_KINDS, builder_for, kg_inverse_record, may_hold_test
 
@@ -96,13 +96,7 @@ def records_from_rows(batch: pa.Table, specs: dict[str, SourceSpec], cfg: Config
         try:
             if problem:
                 raise Skip(problem)
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError:
-                raise Skip("malformed_json") from None
-            if not isinstance(obj, dict):
-                raise Skip("malformed_json")
-            records = builders[path](obj, source, spec.split, cfg.data)
+            records = builders[path](parse_object(text), source, spec.split, cfg.data)
             for rec in records:
                 chars = sum(len(m["content"]) for m in rec["messages"]) + len(rec["rejected"] or "")
                 if chars > cfg.data.max_record_chars:
@@ -125,10 +119,10 @@ def inverse_triples(batch: pa.Table, specs: dict[str, SourceSpec]) -> pa.Table:
     rows = defaultdict(list)
     for path, text, problem in zip(*(batch.column(c).to_pylist() for c in ("path", "text", "problem"))):
         try:
-            obj = None if problem else json.loads(text)
-        except json.JSONDecodeError:
-            obj = None  # counted as malformed by the forward pass
-        if not isinstance(obj, dict) or not isinstance(obj.get("o"), list) or not isinstance(obj.get("s"), str):
+            obj = None if problem else parse_object(text)
+        except Skip:
+            obj = None  # counted by the forward pass
+        if obj is None or not isinstance(obj.get("o"), list) or not isinstance(obj.get("s"), str):
             continue
         kind = RELATION_KIND.get(obj.get("p"))
         if kind not in INVERSE_KINDS:

@@ -35,6 +35,20 @@ class Skip(Exception):
     """Raised by a builder for an input line it cannot use; the message is the counted reason."""
 
 
+def parse_object(text: str) -> dict:
+    """A row's JSON object, or Skip: malformed_json (not JSON, JSON but not an object, or a number of more digits
+    than Python converts), nested_too_deep (more levels than the parser recurses through)."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise Skip("nested_too_deep") from None
+    except ValueError:  # JSONDecodeError, or an integer over sys.get_int_max_str_digits()
+        raise Skip("malformed_json") from None
+    if not isinstance(obj, dict):
+        raise Skip("malformed_json")
+    return obj
+
+
 def make_record(id: str, task: str, source: str, split: str, messages: list[dict], rejected: str | None = None,
                 meta: dict | None = None) -> dict:
     assert task in TASKS and split in SPLITS, (task, split)

@@ -120,12 +120,11 @@ class SourceRowsDatasource(FileBasedDatasource):
 
 def _deidentified(text: str) -> tuple[str, Counter]:
     """A row's text with every string in it de-identified (the text as it is where it is not JSON)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return deidentify(text)
     counts: Counter = Counter()
-    return _json(deidentify_value(value, counts)), counts
+    try:
+        return _json(deidentify_value(json.loads(text), counts)), counts
+    except (ValueError, RecursionError):  # not JSON, or JSON the parser refuses (a skip later): de-identified as text
+        return deidentify(text)
 
 
 def _table_rows(batches) -> Iterator[tuple[int, str, str]]:

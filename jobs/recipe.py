@@ -92,7 +92,8 @@ def print_summary(cfg: Config, timings: dict[str, float]) -> None:
     print(f"  lineage (commit, config, versions): <stage>/lineage.json; the recipe's: {cfg.run_dir / 'recipe.json'}")
     served = "ppo" if "ppo" in timings else "dpo"  # serve.model's default: ppo
     print(f"  serve the {served.upper()} policy (OpenAI API on http://127.0.0.1:8000/v1): "
-          ".venv/bin/python jobs/serve.py" + ("" if served == "ppo" else " serve.model=dpo"))
+          "CLINICALGPT_API_KEY=<a key of your own> .venv/bin/python jobs/serve.py"
+          + ("" if served == "ppo" else " serve.model=dpo"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from ray import serve
 
 from clinicalgpt.config import load_config
 from clinicalgpt.runtime import init_ray
-from clinicalgpt.serving import build_app, load_api_keys
+from clinicalgpt.serving import chat_app, load_api_keys
 
 SERVE_YAML = Path(__file__).resolve().parent / "serve.yaml"
 
@@ -28,13 +28,13 @@ def main(argv: list[str], port: int = 0) -> str:
     """Deploy (on `port`, else the config file's) and return the endpoint's base URL."""
     spec = yaml.safe_load(SERVE_YAML.read_text())
     app = spec["applications"][0]
-    args = {**app["args"], "overrides": [*app["args"]["overrides"], *argv]}
-    cfg = load_config(args["overrides"])
+    cfg = load_config([*app["args"]["overrides"], *argv])
     init_ray(cfg)
     started = time.time()
     http = {**spec["http_options"], **({"port": port} if port else {})}
     serve.start(http_options=http)
-    serve.run(build_app(args), name=app["name"], route_prefix=app["route_prefix"])
+    serve.run(chat_app(cfg, app["args"]["deployment_config"], http["host"]), name=app["name"],
+              route_prefix=app["route_prefix"])
     url = f"http://127.0.0.1:{http['port']}"
     key = "-H \"Authorization: Bearer $" + cfg.serve.api_key_env + "\" " if load_api_keys(cfg.serve) else ""
     print(f"[serve] {cfg.serve.model_name} ({cfg.stage_model(cfg.serve.model)}) up in {time.time() - started:.0f}s "

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,3 +45,25 @@ def test_an_interrupted_stage_resumes_under_ray_job_submit_on_fewer_workers(buil
     assert rerun == list(range(resumed + 1, 7)) and killed == list(range(1, len(killed) + 1)), steps
     assert resumed % 2 == 0 and len(killed) - 2 <= resumed <= len(killed), steps  # never from the start
     assert (run.stage_dir("pretrain") / "final" / "config.json").exists()
+
+
+def test_a_job_submitted_without_the_clusters_token_is_refused(ray_head, tmp_path):
+    """A head started as cluster.yaml starts it (RAY_AUTH_MODE=token) refuses a submission without its token and one
+    with a wrong token; nothing runs. With the token, the same cluster answers."""
+    ray_cli, url, env = ray_head
+    listing = [ray_cli, "job", "list", "--address", url]
+    deadline = time.time() + 180  # the head takes a while to answer: wait until it does, with the token
+    while subprocess.run(listing, env=env, capture_output=True).returncode != 0 and time.time() < deadline:
+        time.sleep(3)
+    ran = tmp_path / "ran"
+    without = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    for extra in ({"HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"},  # no token at all
+                  {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}):  # a wrong one
+        done = subprocess.run([ray_cli, "job", "submit", "--address", url, "--no-wait", "--", "touch", str(ran)],
+                              env={**without, **extra}, capture_output=True, text=True, timeout=120)
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and "raysubmit_" not in out, out[-2000:]
+        assert re.search(r"401|[Uu]nauthori[sz]ed|[Aa]uthentication", out), out[-2000:]
+    listed = subprocess.run(listing, env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and str(ran) not in listed.stdout
+    assert not ran.exists()

@@ -1,9 +1,14 @@
 """The Ray Serve endpoint end to end (jobs/serve.py on the session's SFT model), driven by the official
-openai client and raw HTTP: chat with and without streaming, models, health, API keys, bad requests in
-OpenAI's error shape (none takes the replica down), and a burst of concurrent requests."""
+openai client, raw HTTP and schemathesis: chat with and without streaming, models, health, API keys, bad and
+generated requests in OpenAI's error shape (none takes the replica down), request size and rate limits, the
+audit log, and a burst of concurrent requests."""
 
 import asyncio
+import collections
+import copy
+import hmac
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,14 +16,20 @@ import httpx
 import openai
 import pytest
 import ray
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from ray import serve
 
 from clinicalgpt.config import CLINICAL_SYSTEM_PROMPT
+from clinicalgpt.serving import PARAMETERS
 from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
 from conftest import free_ports, isolated_run, scrape_metrics
 
 pytestmark = pytest.mark.e2e
 KEY = "test-key-1"
+LIMITED_KEY, FUZZ_KEYS = "test-key-limited", [f"test-key-fuzz-{i}" for i in range(8)]
+AUDIT_SECRET, BURST = "audit-secret-for-tests", 300  # 60 requests a minute per key, bursts of 300
 QUESTION = [{"role": "user", "content": "高血压患者可以吃党参吗？"}]
 
 
@@ -27,11 +38,21 @@ def endpoint(trained, tmp_path_factory):
     from jobs import serve as serve_job
     cfg, _ = trained
     keys = tmp_path_factory.mktemp("serve") / "keys"
-    keys.write_text(f"# clients\n{KEY}\n")
-    url = serve_job.main([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", "serve.model=sft",
-                          f"serve.api_key_file={keys}", "serve.max_tokens=32"], port=free_ports(1)[0])
+    keys.write_text("# clients\n" + "\n".join([KEY, LIMITED_KEY, *FUZZ_KEYS]) + "\n")
+    os.environ["CLINICALGPT_AUDIT_KEY"] = AUDIT_SECRET
+    try:
+        url = serve_job.main([f"run_root={cfg.run_dir.parent}", f"data.root={cfg.data_root}", "serve.model=sft",
+                              f"serve.api_key_file={keys}", "serve.max_tokens=32", "serve.requests_per_minute=60",
+                              f"serve.request_burst={BURST}"], port=free_ports(1)[0])
+    finally:
+        del os.environ["CLINICALGPT_AUDIT_KEY"]
     yield url, cfg
     serve.shutdown()
+
+
+def audit_lines(cfg) -> list[dict]:
+    files = sorted((cfg.stage_dir("serve") / "audit").glob("*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
 
 
 def client(url: str, key: str = KEY, cls=openai.OpenAI):
@@ -86,6 +107,9 @@ BAD = [  # (body, status, words the message must contain)
     ({"model": "clinicalgpt", "messages": QUESTION, "n": 1000}, 400, "n must be"),  # was a 200: 1000 generations
     ({"model": "clinicalgpt", "messages": QUESTION, "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"),
     ({"model": "gpt-4", "messages": QUESTION}, 404, "not found"),
+    ({"model": "clinicalgpt", "messages": False}, 400, "malformed request"),  # was a 500 (found by the fuzzing below)
+    ({"model": "clinicalgpt", "messages": QUESTION, "chat_template": "{{ 7 * 7 }}"}, 400, "unsupported parameter"),
+    ({"model": "clinicalgpt", "messages": QUESTION, "use_beam_search": True}, 400, "unsupported parameter"),
 ]
 
 
@@ -97,8 +121,107 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_replica_stays_up(endpoint
         r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, **kwargs)
         assert r.status_code == status, (body, r.text)
         assert words in r.json()["error"]["message"], (body, r.text)
+    for method, route, body in (("GET", "/v1/nothing", None), ("DELETE", "/v1/models", None),
+                                ("POST", "/v1/chat/completions", b"\x8f\x99\x95")):  # not UTF-8
+        r = httpx.request(method, f"{url}{route}", headers=headers, content=body, timeout=60)
+        assert r.status_code in (400, 404, 405), r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    big = {"model": "clinicalgpt", "messages": [{"role": "user", "content": "头痛" * 400_000}]}  # 2.4 MB
+    r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json=big, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     reply = client(url).chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=4)
     assert reply.choices[0].message.content is not None
+
+
+def test_generated_requests_get_no_5xx_and_every_refusal_in_openai_shape(endpoint):
+    """schemathesis from the deployment's own OpenAPI schema (the chat request is vLLM's model, every extension
+    field in it), and from the same schema narrowed to OpenAI's chat parameters with well-formed messages (so
+    generated requests reach the engine): valid and invalid bodies, at least 1,000 requests."""
+    url, _ = endpoint
+    deployed = httpx.get(f"{url}/openapi.json").json()
+    narrowed = copy.deepcopy(deployed)
+    ref = narrowed["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    chat = narrowed["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]
+    chat["properties"] = {k: v for k, v in chat["properties"].items() if k in PARAMETERS}
+    turn = {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string", "maxLength": 80}}
+    chat["properties"]["messages"] = {"type": "array", "minItems": 1, "maxItems": 3,
+                                      "items": {"type": "object", "required": ["role", "content"], "properties": turn}}
+    statuses, wrong, sent = collections.Counter(), [], [0]
+
+    for name, raw in (("deployed", deployed), ("narrowed", narrowed)):
+        for operation in schemathesis.openapi.from_dict(raw).get_all_operations():
+            operation = operation.ok()
+            for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+                @given(case=operation.as_strategy(generation_mode=mode))
+                @settings(max_examples=250 if operation.method == "post" else 50, deadline=None, database=None,
+                          phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+                def call(case):
+                    sent[0] += 1
+                    key = FUZZ_KEYS[sent[0] % len(FUZZ_KEYS)]
+                    r = case.call(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+                    statuses[(name, operation.label, r.status_code)] += 1
+                    try:
+                        shaped = r.status_code < 400 or set(r.json()["error"]) == {"message", "type", "param", "code"}
+                    except (ValueError, KeyError, TypeError):
+                        shaped = False
+                    if r.status_code >= 500 or not shaped:
+                        wrong.append((operation.label, r.status_code, r.text[:300], repr(case.body)[:300]))
+
+                try:
+                    call()
+                except Unsatisfiable:  # nothing to make invalid (GET /health has no input)
+                    pass
+    counts = {" ".join(map(str, k)): v for k, v in sorted(statuses.items())}
+    print(f"\n{sent[0]} generated requests:", json.dumps(counts, indent=1))
+    assert sent[0] >= 1000 and not wrong, wrong[:5]
+    classes = collections.Counter(f"{status // 100}xx" for (_, _, status) in statuses.elements())
+    assert classes["2xx"] >= 10 and classes["4xx"] >= 500, classes  # both the engine and the checks were reached
+    assert httpx.get(f"{url}/health").status_code == 200
+    reply = client(url).chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+
+def test_rate_limits_per_key_answer_429_with_retry_after(endpoint):
+    """A key's burst is spent, then a 429 in OpenAI's shape with Retry-After (the openai client's RateLimitError);
+    other keys are untouched, and the key is served again once its wait is over."""
+    url, _ = endpoint
+    headers, answered, started = {"Authorization": f"Bearer {LIMITED_KEY}"}, 0, time.monotonic()
+    while (r := httpx.get(f"{url}/v1/models", headers=headers, timeout=60)).status_code == 200 and answered < 2 * BURST:
+        answered += 1
+    refill = time.monotonic() - started  # a request a second comes back while the burst is spent
+    assert r.status_code == 429 and BURST <= answered <= BURST + refill + 1, (r.status_code, answered)
+    assert r.json()["error"]["code"] == "rate_limit_exceeded" and 1 <= int(r.headers["retry-after"]) <= 2
+    with pytest.raises(openai.RateLimitError):
+        client(url, key=LIMITED_KEY).models.list()
+    assert client(url).models.list().data  # another key
+    time.sleep(int(r.headers["retry-after"]) + 0.1)
+    assert httpx.get(f"{url}/v1/models", headers=headers, timeout=60).status_code == 200
+
+
+def test_every_request_has_an_audit_line_with_a_keyed_hash_and_token_counts(endpoint):
+    """Answered (streamed and not), unauthorised and oversized requests, in order: status, the key's HMAC (keyed
+    with $CLINICALGPT_AUDIT_KEY), the engine's token counts; never the key."""
+    url, cfg = endpoint
+    before = len(audit_lines(cfg))
+    reply = client(url).chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=5, temperature=0)
+    chunks = list(client(url).chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=6,
+                                                      temperature=0, stream=True))
+    assert all(ch.choices for ch in chunks)  # the engine's usage chunk is not passed on unasked
+    httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong-key"})
+    httpx.post(f"{url}/v1/chat/completions", content=b"{" * 2_000_000, headers={"Authorization": f"Bearer {KEY}"})
+    time.sleep(1)
+    lines = audit_lines(cfg)[before:]
+    assert [(x["method"], x["route"], x["status"]) for x in lines] == [
+        ("POST", "/v1/chat/completions", 200), ("POST", "/v1/chat/completions", 200), ("GET", "/v1/models", 401),
+        ("POST", "/v1/chat/completions", 413)]
+    mine, wrong = (hmac.new(AUDIT_SECRET.encode(), k, "sha256").hexdigest()[:16] for k in (KEY.encode(), b"wrong-key"))
+    assert [x["key"] for x in lines] == [mine, mine, wrong, mine]
+    assert (lines[0]["prompt_tokens"], lines[0]["completion_tokens"]) == (reply.usage.prompt_tokens,
+                                                                          reply.usage.completion_tokens)
+    assert lines[1]["prompt_tokens"] == reply.usage.prompt_tokens and 0 < lines[1]["completion_tokens"] <= 6
+    assert all(x["latency_s"] > 0 for x in lines)
+    text = "".join(p.read_text() for p in (cfg.stage_dir("serve") / "audit").glob("*.jsonl"))
+    assert KEY not in text and "wrong-key" not in text
 
 
 def test_a_burst_of_concurrent_requests_all_succeed(endpoint):
@@ -116,8 +239,9 @@ def test_a_burst_of_concurrent_requests_all_succeed(endpoint):
 
 
 def test_request_bodies_are_not_logged(endpoint):
-    """Bodies may hold patient data: neither an answered nor a refused one reaches any log of the cluster."""
-    url, _ = endpoint
+    """Bodies may hold patient data: neither an answered nor a refused one reaches any log of the cluster, nor the
+    audit log."""
+    url, cfg = endpoint
     marker = "patient-secret-7f3a9c"
     headers = {"Authorization": f"Bearer {KEY}"}
     for body in ({"messages": [{"role": "user", "content": f"{marker} headache"}], "max_tokens": 4},
@@ -126,7 +250,7 @@ def test_request_bodies_are_not_logged(endpoint):
         httpx.post(f"{url}/v1/chat/completions", headers=headers, json={"model": "clinicalgpt", **body}, timeout=60)
     time.sleep(3)  # log lines reach their files
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"  # this cluster's logs
-    files = [p for p in logs.rglob("*") if p.is_file()]
+    files = [p for p in [*logs.rglob("*"), *(cfg.stage_dir("serve") / "audit").rglob("*")] if p.is_file()]
     assert files and not [str(p) for p in files if marker.encode() in p.read_bytes()]
 
 
