@@ -1,10 +1,12 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,12 +42,101 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole session; shut down (not `ray stop`) at the end."""
+    """One local Ray instance for the whole session, with its dashboard as init_ray starts one (its API, and the
+    service-discovery file Prometheus reads); shut down (not `ray stop`) at the end."""
     import ray
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # as init_ray
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)  # as init_ray
     yield ray
     ray.shutdown()
+
+
+def dashboard_api(path: str, **params):
+    """GET from the session cluster's dashboard API, with the cluster's token (Ray 2.60 turns token auth on)."""
+    import httpx
+    import ray
+    token = Path.home() / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+    return httpx.get(f"http://{ray._private.worker.get_dashboard_url()}{path}", params=params, headers=headers,
+                     timeout=30).json()
+
+
+# The Grafana dashboard's queries (monitoring/grafana-dashboard.json) by the run that feeds them: Serve's, PPO's,
+# and the training stages' (their figures and their Ray Data input stream; a DPO run has every one).
+def dashboard_queries(group: str) -> list[str]:
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    return [q for q in queries if query_group(q) == group]
+
+
+def query_group(query: str) -> str:
+    return "serve" if "ray_serve_" in query else "ppo" if "ray_clinicalgpt_ppo_" in query else "training"
+
+
+class Prometheus:
+    """A Prometheus server (Debian's package) run with monitoring/prometheus.yml and its alert rules, its service
+    discovery pointed at the file the session cluster's dashboard keeps, scraping every 2 s instead of 10 so that
+    a short test run is seen."""
+
+    def __init__(self, folder: Path, session_dir: str):
+        import yaml
+        config = yaml.safe_load((REPO / "monitoring" / "prometheus.yml").read_text())
+        config["global"] = {"scrape_interval": "2s", "evaluation_interval": "2s"}
+        discovery = f"{session_dir}/prom_metrics_service_discovery.json"
+        config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [discovery]
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        (folder / "alerts.yml").write_text((REPO / "monitoring" / "alerts.yml").read_text())
+        self.url = f"http://127.0.0.1:{free_ports(1)[0]}"
+        with (folder / "prometheus.log").open("w") as log:
+            self.process = subprocess.Popen(
+                ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}"], stdout=log, stderr=subprocess.STDOUT)
+
+    def api(self, path: str, **params) -> dict:
+        import httpx
+        deadline = time.time() + 60
+        while True:
+            try:
+                response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)
+                return response.raise_for_status().json()["data"]
+            except (httpx.TransportError, httpx.HTTPStatusError):  # starting (not listening, then 503)
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(1)
+
+    def series(self, query: str, since: float) -> list[dict]:
+        """The query's series over [since, now], a point every 2 s (a range query, as Grafana's panels make)."""
+        return self.api("query_range", query=query, start=since, end=time.time(), step=2)["result"]
+
+    def check_panels(self, group: str, since: float) -> dict[str, int]:
+        """Each of the dashboard's queries of the group returns data for [since, now]: query -> its points. Waits
+        for the scrape after the run and a rate()'s window."""
+        deadline, points = time.time() + 90, {}
+        while time.time() < deadline:
+            points = {q: sum(len(s["values"]) for s in self.series(q, since)) for q in dashboard_queries(group)}
+            if all(points.values()):
+                break
+            time.sleep(3)
+        assert points and all(points.values()), points
+        return points
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_session, tmp_path_factory):
+    """A real Prometheus scraping the session cluster from first use, or None where it is not installed (a warning;
+    under CI=true a failure: .ci/run installs it)."""
+    import ray
+    if shutil.which("prometheus") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus is not installed (.ci/run installs Debian's package)")
+        warnings.warn("prometheus is not installed: the Grafana dashboard's queries are not checked")
+        yield None
+        return
+    server = Prometheus(tmp_path_factory.mktemp("prometheus"), ray._private.worker._global_node.get_session_dir_path())
+    assert server.api("status/buildinfo")["version"]
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

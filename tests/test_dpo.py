@@ -5,6 +5,7 @@ jobs/dpo.py from the session's SFT model."""
 import json
 import math
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -139,11 +140,12 @@ def test_the_held_out_report_has_accuracy_margin_log_prob_changes_and_the_sft_ba
 
 
 @pytest.mark.e2e
-def test_dpo_starts_at_its_reference_learns_and_reports_the_implicit_reward_per_source(trained):
+def test_dpo_starts_at_its_reference_learns_and_reports_the_implicit_reward_per_source(trained, prometheus):
     """From the session's SFT model on a hundredth of the reward model's training pairs, three epochs of them: the
     policy starts exactly at its reference (the reference pass's log-probs are its own: loss log 2, no margin), its
     loss falls and its implicit reward comes to prefer the chosen replies, and the held-out pairs get the implicit
-    reward per source; the reference pass is kept and not redone."""
+    reward per source; the reference pass is kept and not redone. Prometheus has the Grafana dashboard's training
+    panels."""
     from jobs import dpo as dpo_job
     cfg, _ = trained
     pairs = reward_model.read_pairs(cfg.data_dir / "pairs")
@@ -154,9 +156,12 @@ def test_dpo_starts_at_its_reference_learns_and_reports_the_implicit_reward_per_
     scraped = {}
     scraper = threading.Thread(target=lambda: scraped.update(scrape_metrics(DPO_METRICS, timeout=300)))
     scraper.start()
+    started = time.time()
     summary = dpo_job.main(argv)
     scraper.join()
     assert DPO_METRICS <= set(scraped), scraped
+    if prometheus:  # every training panel of the Grafana dashboard (loss, throughput, input stream, pairs) has data
+        print("training panels, points:", prometheus.check_panels("training", started))
     assert {s.labels["stage"] for s in scraped["ray_clinicalgpt_train_margin"]} == {"dpo"}
     rows = history(cfg, "dpo")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)

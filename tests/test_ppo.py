@@ -17,16 +17,17 @@ from transformers import AutoModelForCausalLM
 
 from clinicalgpt.config import load_config
 from clinicalgpt.experience import build_batch
-from conftest import SMALL_PPO, history, isolated_run, ppo_args, scrape_metrics
+from conftest import SMALL_PPO, dashboard_api, history, isolated_run, ppo_args, scrape_metrics
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.chaos
-def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner_then_resumes(trained, tmp_path, capsys):
+def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner_then_resumes(trained, tmp_path, capsys,
+                                                                                          prometheus):
     """20 steps with a learner rank killed during step 5: the job restarts the learner group from the step-3
     checkpoint (the other roles go on), redoes step 4 exactly, and still learns; a rerun with a larger budget then
-    resumes."""
+    resumes. Prometheus has the Grafana dashboard's PPO panels, and the Ray dashboard lists the roles by name."""
     from jobs import ppo
     cfg, _ = trained
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "sft"))
@@ -41,6 +42,7 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
         ray.kill(ray.get_actor("learner-1"))  # as if its process or node died, during step 5
 
     threading.Thread(target=kill_a_learner_after_step_4, daemon=True).start()
+    started = time.time()
     # PPO alone (ptx off): the rule reward's learning, without PPO-ptx's pull towards the SFT corpus (tested below).
     summary = ppo.main(ppo_args(run_root, cfg, 20, "ppo.checkpoint_every=3", "ppo.ptx_coef=0"))
     out = capsys.readouterr().out
@@ -74,6 +76,14 @@ def test_ppo_learns_a_verifiable_reward_with_bounded_kl_through_a_killed_learner
     assert max(s.value for s in samples["ray_clinicalgpt_ppo_step"]) == 20
     assert rows[-1]["reward"] in [s.value for s in samples["ray_clinicalgpt_ppo_reward"]]
     assert all(s.value > 0 for s in samples["ray_clinicalgpt_ppo_train_s"])
+    if prometheus:  # every PPO panel of the Grafana dashboard has data on a real Prometheus
+        print("PPO panels, points:", prometheus.check_panels("ppo", started))
+        rules = [r for group in prometheus.api("rules")["groups"] for r in group["rules"]]
+        assert [(r["name"], r["health"]) for r in rules] == [("PPOOutputsCollapsing", "ok")], rules  # evaluates
+    actors = dashboard_api("/api/v0/actors", limit=10_000, detail="true")["data"]["result"]["result"]
+    roles = {("RolloutActor", "rollout-0"), ("ReferenceActor", "reference-0"), ("RewardActor", "reward-0"),
+             ("LearnerRank", "learner-0"), ("LearnerRank", "learner-1")}
+    assert roles <= {(a["class_name"], a["name"]) for a in actors}, actors
     assert (run.stage_dir("ppo") / "adapter" / "adapter_config.json").exists()
 
     # A rerun with a larger budget resumes from the step-20 checkpoint instead of starting over.

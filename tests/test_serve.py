@@ -278,8 +278,9 @@ def test_the_endpoint_is_an_evaluation_candidate(endpoint, tmp_path, monkeypatch
     assert line["candidate"] == "served" and line["answer"] == reply.choices[0].message.content
 
 
-def test_serve_metrics_count_requests_errors_and_latency(endpoint):
-    """What the Grafana dashboard plots, scraped as Prometheus does, after the requests above."""
+def test_serve_metrics_count_requests_errors_and_latency(endpoint, prometheus):
+    """What the Grafana dashboard plots, scraped as Prometheus does, after the requests above; then, under a load of
+    16 clients, every Serve panel of the dashboard has data on a real Prometheus."""
     names = {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
              "ray_serve_http_request_latency_ms_count", "ray_serve_deployment_queued_queries"}
     app = {"application": "clinicalgpt"}
@@ -302,6 +303,19 @@ def test_serve_metrics_count_requests_errors_and_latency(endpoint):
     assert names <= set(samples), sorted(samples)
     assert counted(samples), {name: [(s.labels, s.value) for s in found] for name, found in samples.items()}
     assert answered(samples), samples["ray_serve_deployment_queued_queries"]
+    if prometheus:
+        started = time.time()
+        url, _ = endpoint
+
+        async def load():
+            c = client(url, cls=openai.AsyncOpenAI)
+            for _ in range(3):
+                await asyncio.gather(*(c.chat.completions.create(model="clinicalgpt", messages=QUESTION, max_tokens=8)
+                                       for _ in range(16)))
+                await asyncio.sleep(2)
+
+        asyncio.run(load())
+        print("Serve panels, points:", prometheus.check_panels("serve", started))
 
 
 def test_an_adapter_is_served_merged_onto_its_base_by_a_ray_task(trained):
