@@ -92,19 +92,21 @@ def soak(overrides: list[str], minutes: float, kill_at: float, n_clients: int, m
     serve.run(chat_app(cfg, {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0}},
                        host="127.0.0.1"), name=app, route_prefix="/")
     print(f"[soak] two engine replicas up in {time.monotonic() - started:.0f}s", flush=True)
-    url, seconds, log, marks = f"http://127.0.0.1:{port}", minutes * 60, [], {}
+    url, seconds, log, marks, over = f"http://127.0.0.1:{port}", minutes * 60, [], {}, threading.Event()
     deployment, replicas = engine_replicas(app)
 
-    def kill_one_then_watch():
+    def kill_one_then_watch():  # until two replicas run again, or the soak is over
         time.sleep(seconds * kill_at)
         victim = replicas[0]
         marks["killed"] = time.monotonic()
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         print(f"[soak] killed engine replica {victim['name']}", flush=True)
-        while running(app, deployment) == 2:  # until Serve sees it gone
+        while running(app, deployment) == 2 and not over.is_set():  # until Serve sees it gone
             time.sleep(0.2)
-        while running(app, deployment) < 2:
+        while running(app, deployment) < 2 and not over.is_set():
             time.sleep(0.5)
+        if over.is_set():
+            return
         marks["restored"] = time.monotonic()
         back = marks["restored"] - marks["killed"]
         print(f"[soak] two replicas running again {back:.1f}s after the kill", flush=True)
@@ -114,7 +116,8 @@ def soak(overrides: list[str], minutes: float, kill_at: float, n_clients: int, m
     begin = time.monotonic()
     asyncio.run(clients(url, n_clients, seconds, max_tokens, timeout, log))
     end = time.monotonic()
-    watcher.join(timeout=600)
+    over.set()
+    watcher.join()
     serve.shutdown()
     killed, restored = marks["killed"], marks.get("restored", end)
     return {"setup": {"preset": cfg.preset, "model": cfg.stage_model(cfg.serve.model), "minutes": minutes,
