@@ -265,6 +265,7 @@ class RequestGate:
         if scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
         started, status, state = time.perf_counter(), 499, scope.setdefault("state", {})
+        headers = dict(scope["headers"])
 
         async def sent(message):
             nonlocal status
@@ -273,7 +274,7 @@ class RequestGate:
             await send(message)
 
         try:
-            body = await self.read_body(scope, receive)
+            body = await self.read_body(headers, receive)
             if body is None:
                 await ApiError(413, f"the request body is over this endpoint's {self.max_bytes} bytes",
                                code="request_too_large").response()(scope, receive, sent)
@@ -281,15 +282,14 @@ class RequestGate:
                 whole = [{"type": "http.request", "body": body, "more_body": False}]
                 await self.app(scope, lambda: _pop_or(whole, receive), sent)
         finally:
-            headers = dict(scope["headers"])
             self.audit.write(method=scope["method"], route=scope["path"], status=status,
                              key=self.audit.key_hash(bearer(headers.get(b"authorization", b"").decode("latin-1"))),
                              prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
                              latency_s=round(time.perf_counter() - started, 4))
 
-    async def read_body(self, scope, receive) -> bytes | None:
+    async def read_body(self, headers: dict, receive) -> bytes | None:
         """The whole body, or None when it is over max_bytes (declared or as received)."""
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return None
         body, more = b"", True

@@ -111,9 +111,9 @@ class Prometheus:
     def check_panels(self, group: str, since: float) -> dict[str, int]:
         """Each of the dashboard's queries of the group returns data for [since, now]: query -> its points. Waits
         for the scrape after the run and a rate()'s window."""
-        deadline, points = time.time() + 90, {}
+        deadline, points, queries = time.time() + 90, {}, dashboard_queries(group)
         while time.time() < deadline:
-            points = {q: sum(len(s["values"]) for s in self.series(q, since)) for q in dashboard_queries(group)}
+            points = {q: sum(len(s["values"]) for s in self.series(q, since)) for q in queries}
             if all(points.values()):
                 break
             time.sleep(3)
