@@ -24,10 +24,11 @@ JOB_ENV = {
     # Ray Train's print patch both prints and logs each line from a worker: every progress line twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # After a node is lost, Ray Train restarts at the size the cluster seems to fit; until the GCS has marked
-    # the node dead (missed health checks) that still counts the lost node's resources, and a placement that
-    # cannot happen waits this long before Train retries at the size left (Ray's default: 60 s).
-    # An autoscaling cluster that takes minutes to add nodes can raise it.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20"),
+    # the node dead (cluster.yaml's health check: about 5 s) and Ray Data's resource view has caught up (it
+    # refreshes every 20 s), that still counts the lost node, and a placement that cannot happen waits this long
+    # before Train asks again (Ray's default: 60 s). Where an autoscaler adds nodes for a fixed-size stage,
+    # Train retries every 5 s (a log line each) until they are up; raising it there quiets the log.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5"),
     # How often Ray Train's controller polls its workers, so how late it notices that they finished or failed
     # (Ray's default: 2 s); a poll is one call per worker.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),

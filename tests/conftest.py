@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -20,6 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Tests read the real corpora through the configurable data root (../shared/data by default).
 DATA_ROOT = Path(os.environ.get("CLINICALGPT_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+def cluster_settings() -> dict[str, str]:
+    """The Ray system settings cluster.yaml's head starts with (`RAY_<setting>=<value>`, Ray's lower-case names),
+    for the tests' own clusters to run as users' do."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    return dict(re.findall(r"\b(RAY_[a-z_]+)=(\S+)", " ".join(config["head_start_ray_commands"])))
 
 
 @pytest.fixture(scope="session")
@@ -219,7 +228,7 @@ def ray_head(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **cluster_settings()}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, agent, metrics = free_ports(4)
     with (tmp_path / "head.log").open("w") as log:

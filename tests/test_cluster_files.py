@@ -12,7 +12,7 @@ import yaml
 from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import REPO
+from conftest import REPO, cluster_settings
 
 
 def load(name: str) -> dict:
@@ -34,6 +34,11 @@ def test_cluster_yaml_passes_the_launchers_validation():
     assert "ray stop" not in start  # never: it kills every Ray process on the host
     assert start.count("RAY_AUTH_MODE=token") == 2 and "~/.ray/auth_token" in config["file_mounts"]
     assert "--metrics-export-port=8080" in start and "--dashboard-host=0.0.0.0" in start
+    # A lost node is marked dead after 5 refused health checks a second apart (Ray's default: 3 s apart); the
+    # GCS runs them, on the head; the RayJob's head runs with the same.
+    assert cluster_settings() == {"RAY_health_check_period_ms": "1000"}
+    rayjob_head = load("k8s/rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert {"name": "RAY_health_check_period_ms", "value": "1000"} in rayjob_head["containers"][0]["env"]
 
     broken = load("cluster.yaml")
     broken["available_node_types"]["gpu_worker"]["min_worker"] = 1  # a typo the launcher must refuse

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from clinicalgpt import reward_model
 from clinicalgpt.config import load_config
 from clinicalgpt.tokenizer import load_tokenizer
-from conftest import REPO, history, isolated_run, scrape_metrics, stage_args, wait_for_step
+from conftest import REPO, cluster_settings, history, isolated_run, scrape_metrics, stage_args, wait_for_step
 
 pytestmark = pytest.mark.e2e
 TRAIN_METRICS = {"ray_clinicalgpt_train_loss", "ray_clinicalgpt_train_tokens_per_s", "ray_clinicalgpt_train_step",
@@ -96,13 +96,15 @@ def train_workers() -> list[psutil.Process]:
 
 
 @pytest.mark.chaos
-def test_sft_across_two_nodes_survives_a_killed_worker_then_a_lost_node(trained, tmp_path):
+def test_sft_across_two_nodes_survives_a_killed_worker_then_a_lost_node(trained, tmp_path, monkeypatch):
     """Faults in turn on one SFT run across two nodes: a rank dies (the job replaces it and goes on from the
     last checkpoint, optimizer state included), then a node is lost (it goes on with one worker, fewer
     than saved the checkpoint, and finishes)."""
     from ray.cluster_utils import Cluster
     cfg, _ = trained
     run_root = isolated_run(cfg, tmp_path, shared=("data", "base", "pretrain"))
+    for name, value in cluster_settings().items():  # the node health check cluster.yaml's head runs with
+        monkeypatch.setenv(name, value)
     # Three Ray nodes on this machine: the head (driver, Train controller, Ray Data) and two worker nodes
     # that fit one 2.5-CPU training worker each (the head fits none), so the two ranks run on different nodes.
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
