@@ -433,6 +433,12 @@ def check_open(settings: ServeConfig, host: str) -> None:
     log.warning("[serve] OPEN ENDPOINT on %s: no API key in %s; anyone who reaches it can use it", host, where)
 
 
+def engine_kwargs(cfg: Config) -> dict:
+    """The served model's vLLM engine arguments."""
+    return {"dtype": cfg.model.dtype, "max_model_len": cfg.serve.max_model_len, "seed": cfg.serve.seed,
+            **cfg.serve.engine.vllm_args()}
+
+
 def chat_app(cfg: Config, deployment_config: dict, host: str = "0.0.0.0"):
     """The Serve application: engine replicas with the given Serve deployment options (autoscaling,
     max_ongoing_requests) behind the clinical ingress, listening on `host` (a Serve config's http_options)."""
@@ -444,8 +450,7 @@ def chat_app(cfg: Config, deployment_config: dict, host: str = "0.0.0.0"):
     rank = {"GPU": settings.gpus / engine.tensor_parallel} if settings.gpus else {}
     llm = LLMConfig(
         model_loading_config={"model_id": settings.model_name, "model_source": path},
-        engine_kwargs={"dtype": cfg.model.dtype, "max_model_len": settings.max_model_len, "seed": settings.seed,
-                       **engine.vllm_args()},
+        engine_kwargs=engine_kwargs(cfg),
         placement_group_config={"bundles": [{"CPU": settings.cpus, **rank}] + [rank] * (engine.tensor_parallel - 1)},
         deployment_config=deployment_config,
         runtime_env={"env_vars": JOB_ENV})
