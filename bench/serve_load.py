@@ -55,11 +55,11 @@ def questions(cfg: Config, n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": r["messages"][0]["content"][:200]}] for r in rows]
 
 
-def baseline_app(cfg: Config, path: str) -> FastAPI:
+def baseline_app(cfg: Config, path: str, rules: ChatRules) -> FastAPI:
     """One request at a time: transformers generate() under a lock, the chat checked and completed by the
     same rules as the endpoint (system prompt first)."""
-    tok, model = load_tokenizer(path, cfg.model.chat_template), load_model(path, cfg.model.dtype).eval()
-    rules, lock, app = ChatRules(cfg.serve, tok, set()), threading.Lock(), FastAPI()
+    tok, model = rules.tok, load_model(path, cfg.model.dtype).eval()
+    lock, app = threading.Lock(), FastAPI()
 
     @app.post("/v1/chat/completions")
     def chat(body: dict):  # a plain def: FastAPI runs it in a thread; the lock makes it one at a time
@@ -144,16 +144,16 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config key=value (serve.model=sft, preset=...)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    overrides = [*args.overrides, "serve.api_key_env=CLINICALGPT_BENCH_KEY",
-                 f"serve.max_tokens={args.max_tokens}"]
+    overrides = [*args.overrides, "serve.api_key_env=CLINICALGPT_BENCH_KEY", f"serve.max_tokens={args.max_tokens}"]
     os.environ["CLINICALGPT_BENCH_KEY"] = KEY
     cfg = load_config(overrides)
     path = cfg.stage_model(cfg.serve.model)
     os.environ.pop("RAY_ADDRESS", None)  # a local cluster: all servers on the same cores, one after the other
     init_ray(cfg)
     chats = questions(cfg, 64)
+    # The endpoint's rules (no keys): the conversations ours passes its engine, and the one-at-a-time server's checks.
     rules = ChatRules(cfg.serve, load_tokenizer(path, cfg.model.chat_template), set())
-    with_system = [rules.conversation(chat) for chat in chats]  # what ours passes its engine
+    with_system = [rules.conversation(chat) for chat in chats]
 
     from jobs import serve as serve_job
     ours = measure("ours (Ray Serve + vLLM)", serve_job.main(overrides, port=8431), chats, levels, args.requests,
@@ -166,7 +166,8 @@ def main() -> None:
     server.terminate()
     server.wait(timeout=120)
 
-    server = uvicorn.Server(uvicorn.Config(baseline_app(cfg, path), host="127.0.0.1", port=8432, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(baseline_app(cfg, path, rules), host="127.0.0.1", port=8432,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -38,7 +38,7 @@ def test_cluster_yaml_passes_the_launchers_validation():
     # GCS runs them, on the head; the RayJob's head runs with the same.
     assert cluster_settings() == {"RAY_health_check_period_ms": "1000"}
     rayjob_head = load("k8s/rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    assert {"name": "RAY_health_check_period_ms", "value": "1000"} in rayjob_head["containers"][0]["env"]
+    assert all({"name": k, "value": v} in rayjob_head["containers"][0]["env"] for k, v in cluster_settings().items())
 
     broken = load("cluster.yaml")
     broken["available_node_types"]["gpu_worker"]["min_worker"] = 1  # a typo the launcher must refuse
