@@ -27,14 +27,16 @@ def test_a_bloom_model_from_its_folder_goes_through_sft_and_a_submitted_ppo_job(
     # The session's records; its own packed streams (one sample a row), beside them and not over the session's.
     (run_root / "hf" / "data").mkdir(parents=True)
     (run_root / "hf" / "data" / "records").symlink_to(cfg.data_dir / "records")
-    # Rows of 128 tokens: without packing each sample fills a row of its own (longer ones are skipped, counted).
-    argv = ["preset=hf", f"model.path={base}", f"run_root={run_root}", f"data.root={cfg.data_root}", "seq.max_len=128"]
+    # Rows of 128 tokens: without packing each sample fills a row of its own (longer ones are skipped, counted). A
+    # small share of every task, so that packing the SFT stream anew (one sample a row) takes seconds; PPO-ptx reads
+    # the same stream, so the PPO job, with the run's settings, packs nothing again.
+    fractions = json.dumps({t: 0.01 for t in ("kg_qa", "community_qa", "exam", "dialogue", "diagnosis")})
+    argv = ["preset=hf", f"model.path={base}", f"run_root={run_root}", f"data.root={cfg.data_root}", "seq.max_len=128",
+            f"sft.task_fractions={fractions}"]
     run = load_config(argv)
     assert (run.seq.pack, run.model.dtype, run.sft.lora.targets) == (False, "float32", ["all-linear"])
 
-    # A small share of every task, so that packing the stream anew (one sample a row) takes seconds.
-    fractions = json.dumps({t: 0.01 for t in ("kg_qa", "community_qa", "exam", "dialogue", "diagnosis")})
-    summary = sft.main(argv + stage_args("sft", 6) + [f"sft.task_fractions={fractions}"])
+    summary = sft.main(argv + stage_args("sft", 6))
     assert summary["last_eval_loss"] < summary["first_eval_loss"], summary
     adapted = json.loads((run.stage_dir("sft") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert {name.split(".")[-1] for name in adapted} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
