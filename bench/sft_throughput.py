@@ -12,6 +12,8 @@ cores) while it trains; TRL tokenizes its sample before training, outside the ti
 its defaults except where they would measure something else than padding: no gradient checkpointing and
 no bf16 autocast (ours uses neither). A second TRL row uses its own packing (packing=True: best-fit
 decreasing, padding-free) when --trl-packing is on; the headline ratio is against TRL's defaults.
+Each row also gives its achieved matrix-multiply FLOP/s and their share of this machine's peak on the model's own
+matrix multiplies (bench/limits.py), measured in the same run with the same threads.
 Results: runs/<preset>/bench/sft_throughput.{json,md}; our run goes to a temporary run folder.
 """
 
@@ -40,6 +42,7 @@ from clinicalgpt.packing import keep_sampled, tokenize_chats
 from clinicalgpt.runtime import init_ray, resolve_bf16
 from clinicalgpt.stages import CORPUS_TASKS, run_causal_stage
 from clinicalgpt.tokenizer import CHATML_TEMPLATE, load_tokenizer
+from limits import learner_limit, limit_columns
 
 TARGET = 1.5
 
@@ -135,9 +138,10 @@ def result_row(system: str, steps: int, tokens: float, seconds: float) -> dict:
 
 
 def markdown(rows: list[dict], ratios: list[str], setup: str) -> str:
-    lines = [setup, "", "| system | steps | tokens/s | s/step | tokens/step |", "|---|---|---|---|---|"]
+    lines = [setup, "", "| system | steps | tokens/s | s/step | tokens/step | GFLOP/s | of the matmul peak |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['system']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['seconds_per_step']:.3f} | "
-              f"{r['tokens_per_step']:,.0f} |" for r in rows]
+              f"{r['tokens_per_step']:,.0f} | {r['gflops']:.1f} | {r['of_peak']:.0%} |" for r in rows]
     return "\n".join(lines + [""] + ratios) + "\n"
 
 
@@ -171,6 +175,10 @@ def main() -> None:
     rows.append(measure_trl(cfg, source, chats, labels, args.warmup, args.steps, packing=False))
     if args.trl_packing:
         rows.append(measure_trl(cfg, source, chats, labels, args.warmup, args.steps, packing=True))
+    bf16 = resolve_bf16(sft.bf16)
+    limit = learner_limit(apply_lora(load_model(source, cfg.model.dtype), sft.lora).train(), sft.micro_batch,
+                          cfg.seq.max_len, len(load_tokenizer(source, cfg.model.chat_template)), bf16, threads)
+    rows = [{**r, **limit_columns(r["tokens_per_s"], limit)} for r in rows]
 
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     ratios = [f"ratio ours/TRL = {ratio:.2f}x (target >= {TARGET}x)"]
@@ -180,7 +188,8 @@ def main() -> None:
              f"{sft.micro_batch}, {sft.global_batch} sequences per step, LoRA r={sft.lora.r} "
              f"(enabled={sft.lora.enabled}), {threads} threads, {args.warmup} warm-up steps excluded; "
              f"TRL {trl.__version__} on {len(chats)} sampled records, torch {torch.__version__}, "
-             f"{os.cpu_count()} cores")
+             f"{os.cpu_count()} cores; {'bf16' if bf16 else cfg.model.dtype} matrix multiplies: "
+             f"{limit['flops_per_token'] / 1e6:.1f} MFLOP per token, peak {limit['peak_flops'] / 1e9:.1f} GFLOP/s")
     md = markdown(rows, ratios, setup)
     print("\n" + md)
     out = cfg.run_dir / "bench"
@@ -188,7 +197,7 @@ def main() -> None:
     (out / "sft_throughput.json").write_text(json.dumps(
         {"setup": setup, "source": source, "seq_len": cfg.seq.max_len, "micro_batch": sft.micro_batch,
          "global_batch": sft.global_batch, "threads": threads, "warmup_steps": args.warmup, "trl_records": len(chats),
-         "rows": rows, "ratio": ratio, "target": TARGET, "meets_target": ratio >= TARGET}, indent=2))
+         "limit": limit, "rows": rows, "ratio": ratio, "target": TARGET, "meets_target": ratio >= TARGET}, indent=2))
     (out / "sft_throughput.md").write_text(md)
     print(f"results -> {out}/sft_throughput.{{json,md}}")
 
