@@ -1,7 +1,8 @@
 """Is our SFT step faster than TRL's? Runs our real SFT stage (Ray Train + DeepSpeed ZeRO-2, packed rows,
 LoRA as in cfg.sft) and then TRL's SFTTrainer in this process, from the same model, on the same records,
 sequence length, batch, LoRA, learning rate and number of threads, and prints the tokens/s of each and
-the ratio (target: ours >= 1.5x TRL's defaults, from packing instead of padding).
+the ratios (targets: ours >= 1.5x TRL's defaults, from packing instead of padding, and >= 2.5x TRL with its
+own packing).
 
     .venv/bin/python bench/sft_throughput.py [--steps 30] [--warmup 3] [--records 4000] [--source DIR]
         [--no-trl-packing] [preset=tiny key=value ...]
@@ -44,7 +45,8 @@ from clinicalgpt.stages import CORPUS_TASKS, run_causal_stage
 from clinicalgpt.tokenizer import CHATML_TEMPLATE, load_tokenizer
 from limits import learner_limit, limit_columns
 
-TARGET = 1.5
+TARGET = 1.5  # against TRL's defaults (padded)
+TARGET_PACKING = 2.5  # against TRL with packing=True
 
 # Our ChatML template with TRL's {% generation %} markers around each assistant turn and its end-of-turn,
 # which is where our labels are (packing.assistant_spans). It renders the same text; TRL's
@@ -183,7 +185,8 @@ def main() -> None:
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     ratios = [f"ratio ours/TRL = {ratio:.2f}x (target >= {TARGET}x)"]
     if args.trl_packing:
-        ratios.append(f"ratio ours/TRL packing=True = {rows[0]['tokens_per_s'] / rows[2]['tokens_per_s']:.2f}x")
+        ratios.append(f"ratio ours/TRL packing=True = {rows[0]['tokens_per_s'] / rows[2]['tokens_per_s']:.2f}x "
+                      f"(target >= {TARGET_PACKING}x)")
     setup = (f"SFT throughput, preset {cfg.preset}, model {source}: seq {cfg.seq.max_len}, micro batch "
              f"{sft.micro_batch}, {sft.global_batch} sequences per step, LoRA r={sft.lora.r} "
              f"(enabled={sft.lora.enabled}), {threads} threads, {args.warmup} warm-up steps excluded; "
