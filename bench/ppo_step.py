@@ -1,9 +1,8 @@
 """Is our RL step faster than TRL's? Runs our PPO job (Ray actor roles: vLLM rollout, reference, reward,
 DeepSpeed ZeRO-2 learners) and then TRL's trainer in this process, from the same SFT policy (LoRA as in
 cfg.ppo), reward model, prompt set, samples per prompt, response length, minibatch, epochs, learning
-rate and number of threads, and prints samples/s of each, the ratio (target: ours >= 2.5x the best TRL
-baseline that runs) and our time
-breakdown (target: weight sync under 5% of the step).
+rate and number of threads, and prints samples/s of each, the ratio (target: ours >= 2.5x the faster TRL
+baseline that runs) and our time breakdown (target: weight sync under 5% of the step).
 
     .venv/bin/python bench/ppo_step.py [--steps 10] [--warmup 2] [preset=tiny key=value ...]
 

@@ -4,7 +4,8 @@
 
 Reads, under the run folder (runs/<preset>/): recipe.json (the command, commit, times and seconds per
 stage), each stage's lineage.json (commit, config, machine, times, the command that reproduces it),
-summary.json, data/manifest.json, rm/accuracy.json and eval/results.json. A file a run did not write
+summary.json, data/manifest.json, rm/accuracy.json and eval/results.json, and the tables the benchmarks wrote
+under bench/ when run on the run's models (bench/*.py run_root=...). A file a run did not write
 (older runs have no recipe.json or lineage.json) shows as "not recorded". Each stage's curves.png is
 copied beside the page (docs/results/<stage>-curves.png) so that the page's links work in a checkout.
 """
@@ -394,6 +395,18 @@ class Page:
                      "compliant: an exam letter, a named disease)", "", *table(["family", "model", *keys], rows))
         self.provenance("eval")
 
+    def benchmarks(self) -> None:
+        """The tables bench/*.py wrote on this run's models (runs/<preset>/bench/<name>.md, from their JSON)."""
+        self.add("## Benchmarks on this run's models", "")
+        tables = sorted((self.run / "bench").glob("*.md"))
+        if not tables:
+            self.add(f"No benchmark was run on them: `.venv/bin/python bench/<name>.py run_root={shown(self.run.parent)}`.",
+                     "")
+        for md in tables:
+            written = datetime.fromtimestamp(md.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            self.add(f"### {md.stem}", "", f"Written {written} by `.venv/bin/python bench/{md.stem}.py "
+                     f"run_root={shown(self.run.parent)}`:", "", md.read_text(encoding="utf-8").strip(), "")
+
     def render(self) -> str:
         self.header()
         self.data()
@@ -406,6 +419,7 @@ class Page:
             self.dpo()
         self.ppo()
         self.evaluation()
+        self.benchmarks()
         return "\n".join(self.lines).rstrip() + "\n"
 
 

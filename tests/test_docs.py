@@ -85,11 +85,16 @@ def test_results_page_from_a_run_folder(tmp_path):
                                                            "generated": {"mean": None, "spread": None,
                                                                          "consistency": None, "modal_point": None,
                                                                          "parsed": 0.0}}}}})
+    (run / "bench").mkdir()
+    (run / "bench" / "sft_throughput.md").write_text("SFT throughput, preset tiny\n\n| system | tokens/s |\n|---|---|\n"
+                                                    "| ours | 2,776 |\n")
     out = tmp_path / "docs" / "results.md"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--run-dir", str(run),
                            "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     page = out.read_text(encoding="utf-8")
+    assert "### sft_throughput" in page and "| ours | 2,776 |" in page  # a benchmark's table, as it wrote it
+    assert f"`.venv/bin/python bench/sft_throughput.py run_root={run.parent}`" in page
     for figure in ("9.047 → 6.538", "554 s", "303 s", "3,001 s", "2026-12-05 08:05 UTC", "`abcdef1234`",
                    "Linux, x86_64, 2 cores, 8 GiB, no GPU", "`python jobs/pretrain.py preset=tiny`", "pretrain 7",
                    "0.649", "0.526", "0.510", "`constructed/kg_swap`", "0.553", "-1.167 → -0.336",
@@ -122,3 +127,4 @@ def test_results_page_from_an_older_run_without_lineage(tmp_path):
     assert "| command | not recorded |" in page and "| total time | not recorded |" in page
     assert "## DPO" not in page and "| dpo |" not in page  # a run that did not align with DPO
     assert "| sft | not recorded | not recorded | not recorded | not recorded |" in page
+    assert "No benchmark was run on them" in page
