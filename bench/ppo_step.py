@@ -11,9 +11,9 @@ GRPOTrainer and RLOOTrainer. The baseline is therefore TRL's GRPOTrainer against
 same estimator (ppo.advantage=grpo: no critic); our PPO with the critic (gae) is measured too, as
 information. TRL runs twice: with its transformers generation, and with vLLM in its own process (use_vllm,
 vllm_mode="colocate", the vLLM build this project installs); a baseline that cannot run here is reported with its
-error, and the headline ratio is against the faster one that ran. A "step" is one batch of experience: prompts_per_step x samples_per_prompt responses,
-trained for ppo.epochs epochs of minibatches (TRL: steps_per_generation x num_iterations optimizer
-steps). Samples/s = responses generated and trained on per second, over the steps after the warm-up.
+error, and the headline ratio is against the faster one that ran. A "step" is one batch of experience:
+prompts_per_step x samples_per_prompt responses, trained for ppo.epochs epochs of minibatches (TRL:
+steps_per_generation x num_iterations optimizer steps). Samples/s = responses generated and trained on per second, over the steps after the warm-up.
 Results: runs/<preset>/bench/ppo_step.{json,md}; our runs go to temporary run folders.
 """
 

@@ -399,13 +399,13 @@ class Page:
         """The tables bench/*.py wrote on this run's models (runs/<preset>/bench/<name>.md, from their JSON)."""
         self.add("## Benchmarks on this run's models", "")
         tables = sorted((self.run / "bench").glob("*.md"))
+        command = f".venv/bin/python bench/<name>.py run_root={shown(self.run.parent)}"
         if not tables:
-            self.add(f"No benchmark was run on them: `.venv/bin/python bench/<name>.py run_root={shown(self.run.parent)}`.",
-                     "")
+            self.add(f"No benchmark was run on them: `{command}`.", "")
         for md in tables:
             written = datetime.fromtimestamp(md.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            self.add(f"### {md.stem}", "", f"Written {written} by `.venv/bin/python bench/{md.stem}.py "
-                     f"run_root={shown(self.run.parent)}`:", "", md.read_text(encoding="utf-8").strip(), "")
+            self.add(f"### {md.stem}", "", f"Written {written} by `{command.replace('<name>', md.stem)}`:", "",
+                     md.read_text(encoding="utf-8").strip(), "")
 
     def render(self) -> str:
         self.header()

@@ -86,8 +86,8 @@ def test_results_page_from_a_run_folder(tmp_path):
                                                                          "consistency": None, "modal_point": None,
                                                                          "parsed": 0.0}}}}})
     (run / "bench").mkdir()
-    (run / "bench" / "sft_throughput.md").write_text("SFT throughput, preset tiny\n\n| system | tokens/s |\n|---|---|\n"
-                                                    "| ours | 2,776 |\n")
+    table = "SFT throughput, preset tiny\n\n| system | tokens/s |\n|---|---|\n| ours | 2,776 |\n"
+    (run / "bench" / "sft_throughput.md").write_text(table)
     out = tmp_path / "docs" / "results.md"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--run-dir", str(run),
                            "--out", str(out)], capture_output=True, text=True, timeout=60)
