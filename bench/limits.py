@@ -70,10 +70,10 @@ def matmul_peak(calls: Counter, threads: int, seconds: float = 2.0) -> float:
         torch.set_num_threads(before)
 
 
-def learner_limit(model, batch: int, seq_len: int, vocab: int, bf16: bool, threads: int) -> dict:
+def learner_limit(model, batch: int, seq_len: int, bf16: bool, threads: int) -> dict:
     """FLOPs per trained token of the model (a full batch x seq_len pass) and this machine's peak on its matrix
     multiplies: {"flops_per_token", "peak_flops"}."""
-    ids = torch.randint(0, vocab, (batch, seq_len))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     flops, calls = training_pass(model, ids, bf16)
     return {"flops_per_token": flops / ids.numel(), "peak_flops": matmul_peak(calls, threads)}
 

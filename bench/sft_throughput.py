@@ -179,7 +179,7 @@ def main() -> None:
         rows.append(measure_trl(cfg, source, chats, labels, args.warmup, args.steps, packing=True))
     bf16 = resolve_bf16(sft.bf16)
     limit = learner_limit(apply_lora(load_model(source, cfg.model.dtype), sft.lora).train(), sft.micro_batch,
-                          cfg.seq.max_len, len(load_tokenizer(source, cfg.model.chat_template)), bf16, threads)
+                          cfg.seq.max_len, bf16, threads)
     rows = [{**r, **limit_columns(r["tokens_per_s"], limit)} for r in rows]
 
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
