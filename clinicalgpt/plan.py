@@ -139,13 +139,17 @@ class Actor:
         return sum(self.memory.values())
 
 
+# Parameter counts by (model config, classifier, LoRA settings), for the process: a 7B model's modules take a second
+# to build even on the meta device, and each plan asks for the same few.
+_COUNTED: dict[tuple[str, bool, str], dict[str, int]] = {}
+
+
 @dataclass
 class Model:
     """The model's shape and parameter counts, from its modules on PyTorch's meta device (shapes without
     memory or weights)."""
 
     config: PretrainedConfig
-    counted: dict = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
@@ -162,8 +166,8 @@ class Model:
     def parameters(self, classifier: bool = False, lora: LoraSettings | None = None) -> dict[str, int]:
         """The causal LM's or the classifier's (reward model, critic) parameters: all, trainable (with the
         LoRA adapter: its own) and pushed (what a PPO weight push carries: modeling.pushed_tensors)."""
-        key = (classifier, repr(lora))
-        if key not in self.counted:
+        key = (self.config.to_json_string(), classifier, repr(lora))
+        if key not in _COUNTED:
             config = copy.deepcopy(self.config)
             config.num_labels = 1
             with torch.device("meta"):
@@ -171,9 +175,9 @@ class Model:
                 if lora is not None:
                     model = apply_lora(model, lora, task_type="SEQ_CLS" if classifier else "CAUSAL_LM")
             total = sum(p.numel() for p in model.parameters())
-            self.counted[key] = {"all": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                 "pushed": sum(t.numel() for _, t, _ in pushed_tensors(model))}
-        return self.counted[key]
+            _COUNTED[key] = {"all": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            "pushed": sum(t.numel() for _, t, _ in pushed_tensors(model))}
+        return _COUNTED[key]
 
     def kv_bytes_per_token(self, w: int) -> int:
         """Keys and values of one token in every layer."""

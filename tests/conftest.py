@@ -43,10 +43,11 @@ def data_root() -> Path:
 
 
 def pytest_collection_modifyitems(items):
-    """What a test is, by marker (pyproject.toml): a test marked neither integration, e2e nor chaos is a unit test."""
+    """What a test is, by marker (pyproject.toml): one on the session's Ray cluster is an integration test; one marked
+    neither integration, e2e nor chaos is a unit test."""
     for item in items:
         if not any(item.get_closest_marker(m) for m in ("integration", "e2e", "chaos")):
-            item.add_marker(pytest.mark.unit)
+            item.add_marker(pytest.mark.integration if "ray_session" in item.fixturenames else pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

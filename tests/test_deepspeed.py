@@ -16,8 +16,9 @@ from clinicalgpt.trainer import causal_lm_loss, load_trained_state, save_trained
 from conftest import free_ports
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def deepspeed():
+    """A one-rank gloo world for the test, gone after it (the held-out test's forked ranks would inherit it)."""
     import deepspeed
     import torch.distributed as dist
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "RANK": "0",
@@ -126,8 +127,9 @@ def test_the_ranks_share_the_held_out_loss_and_each_gets_the_mean_over_every_mic
     """Nine rows in micro-batches of 2 on two ranks: rank 0 computes batches 0, 2, 4, rank 1 batches 1, 3; both get
     the mean of the five batch means, (0.5 + 2.5 + 4.5 + 6.5 + 8) / 5 = 4.4, as one rank computing all of them; and
     of a metric the task reports beside its loss, the batch maxima: (1 + 3 + 5 + 7 + 8) / 5 = 4.8."""
-    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    torch.multiprocessing.spawn(_held_out_metrics_of_rank, args=(2, free_ports(1)[0], {"x": torch.arange(9)}, results),
-                                nprocs=2)
+    # Forked, not spawned: a spawned rank imports clinicalgpt.trainer afresh (~7 s here).
+    results = torch.multiprocessing.get_context("fork").SimpleQueue()
+    torch.multiprocessing.start_processes(_held_out_metrics_of_rank, nprocs=2, start_method="fork",
+                                          args=(2, free_ports(1)[0], {"x": torch.arange(9)}, results))
     expected = {"eval_loss": pytest.approx(4.4), "eval_top": pytest.approx(4.8)}
     assert sorted(results.get() for _ in range(2)) == [(0, expected), (1, expected)]

@@ -71,8 +71,15 @@ def test_generated_rows_are_records_or_counted_skips(kind, task, texts):
         elif not r["skip"]:
             assert r["messages"] and all(isinstance(m["content"], str) and m["content"] for m in r["messages"])
             assert r["split"] in ("train", "valid", "rl", "test")
+
+
+@settings(FUZZ, max_examples=50)
+@given(texts=rows)
+def test_generated_rows_are_deidentified_without_a_crash(texts):
+    """The read task de-identifies each row's text before any builder reads it (data.deidentify). Not once per
+    corpus as above: it does not depend on the corpus; more examples instead."""
     for text in texts:
-        _deidentified(text)  # the read task de-identifies the same text first (data.deidentify)
+        _deidentified(text)
 
 
 good_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cc", "Cs", "Zs", "Zl", "Zp"]), min_size=1,
