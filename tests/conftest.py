@@ -131,10 +131,11 @@ class Prometheus:
         return points
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prometheus(ray_session, tmp_path_factory):
-    """A real Prometheus scraping the session cluster from first use, or None where it is not installed (a warning;
-    under CI=true a failure: .ci/run installs it)."""
+    """A real Prometheus scraping the session cluster for the tests of a module, or None where it is not installed (a
+    warning; under CI=true a failure: .ci/run installs it). Not for the session: scraping every 2 s takes 2% of this
+    2-core machine, and it starts in a second."""
     import ray
     if shutil.which("prometheus") is None:
         if os.environ.get("CI") == "true":
@@ -220,12 +221,13 @@ def wait_for_step(path: Path, step: int, proc: subprocess.Popen, after: int = 0,
     raise AssertionError(f"step {step} not reached (job exit code {proc.poll()})")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A cluster started the way a user starts one (`ray start --head`), once for the session's submitted jobs,
-    stopped through its own process (SIGTERM to `--block` shuts down what it started; never `ray stop`):
-    (ray cli, dashboard url, env). Not SIGINT: a shell without job control (a script's `... &`) starts its
-    background commands with SIGINT ignored, and so the head. No drain on the way out: no traffic to drain."""
+    """A cluster started the way a user starts one (`ray start --head`), once for a module's submitted jobs (not for
+    the session: idle, it takes 4% of this 2-core machine; it answers in 7 s), stopped through its own process
+    (SIGTERM to `--block` shuts down what it started; never `ray stop`): (ray cli, dashboard url, env). Not SIGINT:
+    a shell without job control (a script's `... &`) starts its background commands with SIGINT ignored, and so
+    the head. No drain on the way out: no traffic to drain."""
     tmp_path = tmp_path_factory.mktemp("ray_head")
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -233,9 +235,10 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, agent, metrics = free_ports(4)
     with (tmp_path / "head.log").open("w") as log:
-        head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                                 f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
-                                 "--num-cpus=4", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        head = subprocess.Popen(
+            [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+             f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}", "--num-cpus=4",
+             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
     yield ray_cli, f"http://127.0.0.1:{dashboard}", env
     head.terminate()
     head.wait(timeout=120)
