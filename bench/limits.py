@@ -3,6 +3,11 @@ the model (torch.utils.flop_counter, forward and backward, in the dtype it train
 this machine runs those same matrix multiplies (their shapes and dtype, the learner's threads), measured in the same
 run. Attention's score products run inside scaled_dot_product_attention, which the counter does not see on CPUs:
 the FLOPs, and so the share of the limit, are a lower bound there.
+
+Generation's limit is memory bandwidth instead: each decoding step reads every weight once for the whole batch and
+each sequence's keys and values so far. Its tokens/s bound is the batch over the time to read those bytes at this
+machine's read bandwidth, measured in the same run with the engine's threads (prefill, compute-bound, not counted:
+an upper bound for decoding). A model whose weights fit in the caches can beat it; the tiny preset's 20 MB do.
 """
 
 from __future__ import annotations
@@ -81,3 +86,36 @@ def learner_limit(model, batch: int, seq_len: int, bf16: bool, threads: int) -> 
 def limit_columns(tokens_per_s: float, limit: dict) -> dict:
     achieved = tokens_per_s * limit["flops_per_token"]
     return {"gflops": achieved / 1e9, "of_peak": achieved / limit["peak_flops"]}
+
+
+def read_bandwidth(threads: int, megabytes: int = 1024, seconds: float = 2.0) -> float:
+    """Bytes per second this machine reads from memory with `threads` threads: sums over a tensor far larger than
+    its caches, after a warm-up."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+        data.sum()
+        runs, started = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < seconds:
+            data.sum()
+            runs += 1
+        return runs * data.numel() * data.element_size() / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
+
+
+def decode_limit(weight_bytes: int, kv_bytes_per_token: int, batch: int, context: float, bandwidth: float) -> float:
+    """Tokens/s at most, decoding `batch` sequences of `context` tokens on average: each step reads the weights
+    once and each sequence's keys and values."""
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
+    return batch * bandwidth / step_bytes
+
+
+def decode_bytes(model_path: str, dtype: str) -> tuple[int, int]:
+    """(bytes of the model's weights, bytes of keys and values a token) in `dtype`, from its config.json."""
+    from transformers import AutoConfig
+
+    from clinicalgpt.plan import DTYPE_BYTES, Model
+    model, w = Model(AutoConfig.from_pretrained(model_path)), DTYPE_BYTES[dtype]
+    return model.parameters()["all"] * w, model.kv_bytes_per_token(w)

@@ -10,7 +10,9 @@ tokens (greedy, the same max_tokens); throughput is completion tokens per second
 
 Each level sends clients x --requests requests (at least 8), every client sending its next request when
 the last is answered. Targets: ours within 10% of `vllm serve`'s throughput and p99 latency at 16 and 64
-clients; ours >= 4x the one-at-a-time server's throughput at 16 clients.
+clients; ours >= 4x the one-at-a-time server's throughput at 16 clients. Each row also gives its share of the
+decoding limit of this machine's memory bandwidth (bench/limits.py: the weights read once a step, each sequence's
+keys and values; the batch is the clients, or 1 for the one-at-a-time server), measured after the servers stop.
 Results: runs/<preset>/bench/serve_load.{json,md}.
 """
 
@@ -41,6 +43,7 @@ from clinicalgpt.modeling import load_model
 from clinicalgpt.runtime import JOB_ENV, init_ray
 from clinicalgpt.serving import ChatRules, engine_kwargs
 from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
+from limits import decode_bytes, decode_limit, read_bandwidth
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -152,7 +155,8 @@ def main() -> None:
     init_ray(cfg)
     chats = questions(cfg, 64)
     # The endpoint's rules (no keys): the conversations ours passes its engine, and the one-at-a-time server's checks.
-    rules = ChatRules(cfg.serve, load_tokenizer(path, cfg.model.chat_template), set())
+    tokenizer = load_tokenizer(path, cfg.model.chat_template)
+    rules = ChatRules(cfg.serve, tokenizer, set())
     with_system = [rules.conversation(chat) for chat in chats]
 
     from jobs import serve as serve_job
@@ -177,16 +181,28 @@ def main() -> None:
     server.should_exit = True
     thread.join()
 
+    # The decoding limit of each row, on the cores the servers used, now free.
+    weights, kv = decode_bytes(path, cfg.model.dtype)
+    bandwidth = read_bandwidth(torch.get_num_threads())
+    prompt = np.mean([len(prompt_ids(tokenizer, c)) for c in with_system])
+    for r in ours + vllm + base:
+        completion = r["tokens_per_s"] * r["seconds"] / max(r["requests"] - r["errors"], 1)
+        batch = 1 if r in base else min(r["clients"], cfg.serve.engine.max_num_seqs or r["clients"])
+        r["decode_limit_tokens_per_s"] = decode_limit(weights, kv, batch, prompt + completion / 2, bandwidth)
     ratios = {o["clients"]: o["tokens_per_s"] / b["tokens_per_s"] for o, b in zip(ours, base)}
     against_vllm = {o["clients"]: {"throughput": o["tokens_per_s"] / v["tokens_per_s"], "p99": o["p99_s"] / v["p99_s"]}
                     for o, v in zip(ours, vllm)}
     setup = (f"Serving load, preset {cfg.preset}, model {path}: greedy, max_tokens {args.max_tokens}, "
              f"{os.cpu_count()} cores, requests per level max(8, clients x {args.requests}); engine arguments "
-             f"{engine_kwargs(cfg)}; torch {torch.__version__}")
-    lines = [setup, "", "| system | clients | requests | errors | tok/s | req/s | p50 s | p99 s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{engine_kwargs(cfg)}; torch {torch.__version__}; decoding limit: weights {weights / 1e6:.1f} MB, "
+             f"keys and values {kv / 1e3:.1f} KB a token, prompts {prompt:.0f} tokens on average, memory read "
+             f"bandwidth {bandwidth / 1e9:.1f} GB/s at {torch.get_num_threads()} threads")
+    lines = [setup, "", "| system | clients | requests | errors | tok/s | req/s | p50 s | p99 s | decoding limit tok/s "
+             "| of the limit |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['system']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
-              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |" for r in ours + vllm + base]
+              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+              f"{r['decode_limit_tokens_per_s']:,.0f} | {r['tokens_per_s'] / r['decode_limit_tokens_per_s']:.1%} |"
+              for r in ours + vllm + base]
     lines += ["", "ours / `vllm serve`: " + ", ".join(
         f"{c} clients throughput {x['throughput']:.2f}x, p99 {x['p99']:.2f}x" for c, x in against_vllm.items())]
     checked = [c for c in (16, 64) if c in against_vllm]

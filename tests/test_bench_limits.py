@@ -12,7 +12,8 @@ from clinicalgpt.tokenizer import train_tokenizer
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from limits import MatmulShapes, limit_columns, matmul_flops, matmul_peak, training_pass  # noqa: E402
+from limits import (MatmulShapes, decode_limit, limit_columns, matmul_flops, matmul_peak,  # noqa: E402
+                    read_bandwidth, training_pass)
 
 
 def test_a_matrix_multiply_costs_two_flops_per_multiply_add():
@@ -40,3 +41,11 @@ def test_the_replayed_multiplies_are_the_counted_flops_and_the_share_of_the_peak
     assert matmul_peak(calls, threads=1, seconds=0.2) > 1e6
     assert limit_columns(100.0, {"flops_per_token": 1e9, "peak_flops": 2e11}) == pytest.approx(
         {"gflops": 100.0, "of_peak": 0.5})
+
+
+def test_decoding_is_bounded_by_reading_the_weights_once_a_step_and_each_sequences_cache():
+    # 20 MB of weights, 4 KB of keys and values a token, 16 sequences of 100 tokens: 20e6 + 16 x 100 x 4096 =
+    # 26,553,600 bytes a step; at 10 GB/s, 376.6 steps/s of 16 tokens.
+    assert decode_limit(20_000_000, 4096, 16, 100, 10e9) == pytest.approx(16 * 10e9 / 26_553_600)
+    assert decode_limit(20_000_000, 4096, 1, 0, 10e9) == pytest.approx(500)  # one sequence: the weights alone
+    assert 1e8 < read_bandwidth(threads=1, megabytes=64, seconds=0.1) < 1e12
