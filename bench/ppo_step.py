@@ -2,7 +2,8 @@
 DeepSpeed ZeRO-2 learners) and then TRL's trainer in this process, from the same SFT policy (LoRA as in
 cfg.ppo), reward model, prompt set, samples per prompt, response length, minibatch, epochs, learning
 rate and number of threads, and prints samples/s of each, the ratio (target: ours >= 2.5x the faster TRL
-baseline that runs) and our time breakdown (target: weight sync under 5% of the step).
+baseline that runs), our time breakdown (target: weight sync under 5% of the step) and our generation's share of
+the machine's decoding limit (bench/limits.py).
 
     .venv/bin/python bench/ppo_step.py [--steps 10] [--warmup 2] [preset=tiny key=value ...]
 
@@ -13,7 +14,8 @@ information. TRL runs twice: with its transformers generation, and with vLLM in 
 vllm_mode="colocate", the vLLM build this project installs); a baseline that cannot run here is reported with its
 error, and the headline ratio is against the faster one that ran. A "step" is one batch of experience:
 prompts_per_step x samples_per_prompt responses, trained for ppo.epochs epochs of minibatches (TRL:
-steps_per_generation x num_iterations optimizer steps). Samples/s = responses generated and trained on per second, over the steps after the warm-up.
+steps_per_generation x num_iterations optimizer steps). Samples/s = responses generated and trained on per second,
+over the steps after the warm-up.
 Results: runs/<preset>/bench/ppo_step.{json,md}; our runs go to temporary run folders.
 """
 
@@ -42,7 +44,8 @@ from clinicalgpt.config import Config, load_config
 from clinicalgpt.corpus import read_records
 from clinicalgpt.modeling import load_model
 from clinicalgpt.runtime import init_ray
-from clinicalgpt.tokenizer import load_tokenizer
+from clinicalgpt.tokenizer import load_tokenizer, prompt_ids
+from limits import decode_bytes, decode_limit, read_bandwidth
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 2.5  # against the faster TRL baseline that runs here
@@ -68,9 +71,12 @@ def measure_ours(cfg: Config, overrides: list[str], advantage: str, warmup: int,
     timed = [r for r in rows if r["step"] > warmup and "reward" in r]
     seconds = sum(r["step_s"] for r in timed)
     samples = len(timed) * cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt
-    breakdown = {k: float(np.mean([r[k] for r in timed])) for k in TIMINGS + ("step_s",)}
+    breakdown = {k: float(np.mean([r[k] for r in timed])) for k in TIMINGS + ("step_s", "response_length")}
+    per_step = cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt
+    generated = float(np.mean([per_step * r["response_length"] / r["generate_s"] for r in timed]))
     return {"system": f"ours (Ray roles, vLLM, ZeRO-2), {advantage}", "steps": len(timed), "samples": samples,
-            "seconds": round(seconds, 2), "samples_per_s": samples / seconds, "breakdown": breakdown}
+            "seconds": round(seconds, 2), "samples_per_s": samples / seconds, "breakdown": breakdown,
+            "generated_tokens_per_s": generated}
 
 
 class StepClock(TrainerCallback):
@@ -167,6 +173,12 @@ def main() -> None:
     ratio = rows[0]["samples_per_s"] / best["samples_per_s"]
     ours = rows[0]["breakdown"]
     sync_share = ours["sync_s"] / ours["step_s"]
+    # Our generation phase against this machine's decoding limit (bench/limits.py), measured now the cores are free.
+    weights, kv = decode_bytes(str(cfg.stage_dir("sft") / "final"), cfg.model.dtype)
+    tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
+    prompt, bandwidth = np.mean([len(prompt_ids(tok, c)) for c in chats]), read_bandwidth(threads)
+    decoding = decode_limit(weights, kv, ppo.prompts_per_step * ppo.samples_per_prompt,
+                            prompt + ours["response_length"] / 2, bandwidth)
     setup = (f"RL step throughput, preset {cfg.preset}: {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} "
              f"samples per step, up to {ppo.max_new_tokens} new tokens, minibatch {ppo.minibatch}, "
              f"{ppo.epochs} epochs, "
@@ -176,14 +188,19 @@ def main() -> None:
               if "error" not in r else f"| {r['system']} | cannot run here: {r['error']} | | |" for r in rows]
     lines += ["", f"ratio ours/{best['system']} (same estimator, grpo) = {ratio:.2f}x (target >= {TARGET}x)",
               "our step, grpo: " + ", ".join(f"{k[:-2]} {ours[k]:.2f}s" for k in TIMINGS)
-              + f" of {ours['step_s']:.2f}s; weight sync {sync_share:.1%} of the step (target < 5%)"]
+              + f" of {ours['step_s']:.2f}s; weight sync {sync_share:.1%} of the step (target < 5%)",
+              f"our generation, grpo: {rows[0]['generated_tokens_per_s']:,.0f} tok/s, "
+              f"{rows[0]['generated_tokens_per_s'] / decoding:.1%} of the decoding limit, {decoding:,.0f} tok/s "
+              f"(weights {weights / 1e6:.1f} MB and keys and values {kv / 1e3:.1f} KB a token read at "
+              f"{bandwidth / 1e9:.1f} GB/s; {ppo.prompts_per_step * ppo.samples_per_prompt} sequences of "
+              f"{prompt:.0f} prompt and {ours['response_length']:.0f} response tokens on average)"]
     md = "\n".join(lines) + "\n"
     print("\n" + md)
     out = cfg.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ppo_step.json").write_text(json.dumps(
         {"setup": setup, "rows": rows, "ratio": ratio, "target": TARGET, "meets_target": ratio >= TARGET,
-         "sync_share": sync_share}, indent=2))
+         "sync_share": sync_share, "decoding_limit_tokens_per_s": decoding}, indent=2))
     (out / "ppo_step.md").write_text(md)
     print(f"results -> {out}/ppo_step.{{json,md}}")
 

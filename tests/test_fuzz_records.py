@@ -76,8 +76,8 @@ def test_generated_rows_are_records_or_counted_skips(kind, task, texts):
 @settings(FUZZ, max_examples=50)
 @given(texts=rows)
 def test_generated_rows_are_deidentified_without_a_crash(texts):
-    """The read task de-identifies each row's text before any builder reads it (data.deidentify). Not once per
-    corpus as above: it does not depend on the corpus; more examples instead."""
+    """The read task de-identifies each row's text before any builder reads it (data.deidentify). In a test of its
+    own, not in each corpus's test above: it does not depend on the corpus (twice their examples, once)."""
     for text in texts:
         _deidentified(text)
 
