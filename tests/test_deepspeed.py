@@ -1,10 +1,12 @@
-"""The DeepSpeed engines as the training stages and the PPO learners build them, on CPU in this process (gloo,
-one rank): a LoRA checkpoint leaves the frozen base out and restores what training changed; gradient
-checkpointing gives the gradients of the plain backward pass; and the held-out loss the ranks share (two gloo
-processes)."""
+"""The training stages' loss by hand, and the DeepSpeed engines as the training stages and the PPO learners build
+them, on CPU in this process (gloo, one rank): a LoRA checkpoint leaves the frozen base out and restores what
+training changed; gradient checkpointing gives the gradients of the plain backward pass; and the held-out loss the
+ranks share (two gloo processes)."""
 
+import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +28,26 @@ def deepspeed():
     deepspeed.init_distributed(dist_backend="gloo")
     yield deepspeed
     dist.destroy_process_group()
+
+
+def test_the_causal_lm_loss_predicts_each_labelled_token_from_the_position_before_it():
+    """One row of three tokens over a vocabulary of two; labels [-100, 1, 0]: token 1 predicted at position 0 and
+    token 0 at position 1, the last position's logits predict nothing. By hand: log-softmax of (0, ln 3) is
+    (-ln 4, ln 3 - ln 4), of (ln 2, 0) is (ln 2 - ln 3, -ln 3); the loss is (ln 4 - ln 3 + ln 3 - ln 2) / 2
+    = ln 2 / 2."""
+    logits = torch.tensor([[[0.0, math.log(3)], [math.log(2), 0.0], [50.0, -50.0]]], requires_grad=True)
+
+    class Fixed(torch.nn.Module):
+        config = SimpleNamespace(model_type="bloom")  # no position_ids
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(logits=logits)
+
+    loss, _, tokens = causal_lm_loss(Fixed(), {"input_ids": torch.tensor([[5, 1, 0]]),
+                                               "labels": torch.tensor([[-100, 1, 0]])})
+    assert loss.item() == pytest.approx(math.log(2) / 2) and tokens == 2
+    loss.backward()
+    assert logits.grad[0, 2].abs().max() == 0  # the last position's logits take no part
 
 
 def lora_model(seed: int) -> torch.nn.Module:
@@ -113,7 +135,6 @@ def test_bf16_auto_takes_bf16_only_where_the_hardware_computes_it(monkeypatch, c
 
 def _held_out_metrics_of_rank(rank: int, world: int, port: int, rows: dict, results) -> None:
     import torch.distributed as dist
-    from types import SimpleNamespace
     from clinicalgpt.trainer import held_out_metrics
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     task = SimpleNamespace(loss=lambda engine, batch: (batch["x"].double().mean(), {"top": float(batch["x"].max())}, 0),
