@@ -20,6 +20,9 @@ from contextlib import nullcontext
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig
+
+from clinicalgpt.plan import DTYPE_BYTES, Model
 
 MATMULS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.bmm.default: (0, 1)}
 
@@ -114,8 +117,5 @@ def decode_limit(weight_bytes: int, kv_bytes_per_token: int, batch: int, context
 
 def decode_bytes(model_path: str, dtype: str) -> tuple[int, int]:
     """(bytes of the model's weights, bytes of keys and values a token) in `dtype`, from its config.json."""
-    from transformers import AutoConfig
-
-    from clinicalgpt.plan import DTYPE_BYTES, Model
     model, w = Model(AutoConfig.from_pretrained(model_path)), DTYPE_BYTES[dtype]
     return model.parameters()["all"] * w, model.kv_bytes_per_token(w)

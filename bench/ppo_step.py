@@ -71,11 +71,12 @@ def measure_ours(cfg: Config, overrides: list[str], advantage: str, warmup: int,
     timed = [r for r in rows if r["step"] > warmup and "reward" in r]
     seconds = sum(r["step_s"] for r in timed)
     samples = len(timed) * cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt
-    breakdown = {k: float(np.mean([r[k] for r in timed])) for k in TIMINGS + ("step_s", "response_length")}
+    breakdown = {k: float(np.mean([r[k] for r in timed])) for k in TIMINGS + ("step_s",)}
     per_step = cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt
     generated = float(np.mean([per_step * r["response_length"] / r["generate_s"] for r in timed]))
     return {"system": f"ours (Ray roles, vLLM, ZeRO-2), {advantage}", "steps": len(timed), "samples": samples,
             "seconds": round(seconds, 2), "samples_per_s": samples / seconds, "breakdown": breakdown,
+            "response_length": float(np.mean([r["response_length"] for r in timed])),
             "generated_tokens_per_s": generated}
 
 
@@ -178,7 +179,7 @@ def main() -> None:
     tok = load_tokenizer(cfg.model_path, cfg.model.chat_template)
     prompt, bandwidth = np.mean([len(prompt_ids(tok, c)) for c in chats]), read_bandwidth(threads)
     decoding = decode_limit(weights, kv, ppo.prompts_per_step * ppo.samples_per_prompt,
-                            prompt + ours["response_length"] / 2, bandwidth)
+                            prompt + rows[0]["response_length"] / 2, bandwidth)
     setup = (f"RL step throughput, preset {cfg.preset}: {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} "
              f"samples per step, up to {ppo.max_new_tokens} new tokens, minibatch {ppo.minibatch}, "
              f"{ppo.epochs} epochs, "
@@ -193,7 +194,7 @@ def main() -> None:
               f"{rows[0]['generated_tokens_per_s'] / decoding:.1%} of the decoding limit, {decoding:,.0f} tok/s "
               f"(weights {weights / 1e6:.1f} MB and keys and values {kv / 1e3:.1f} KB a token read at "
               f"{bandwidth / 1e9:.1f} GB/s; {ppo.prompts_per_step * ppo.samples_per_prompt} sequences of "
-              f"{prompt:.0f} prompt and {ours['response_length']:.0f} response tokens on average)"]
+              f"{prompt:.0f} prompt and {rows[0]['response_length']:.0f} response tokens on average)"]
     md = "\n".join(lines) + "\n"
     print("\n" + md)
     out = cfg.run_dir / "bench"
